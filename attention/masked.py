@@ -1,0 +1,105 @@
+"""Masked cross-attention (InstantFamily eq. 6-7): one implementation for the UNet patch, the
+ControlNet patch and the trainer.
+
+Text tokens are visible to every pixel; the tokens of ID n only to pixels inside mask n.
+
+- ``hard`` (default): masked logits get a large finite negative bias, so masked tokens receive no
+  attention at all. The bias is additive, so it runs through torch's fused
+  ``scaled_dot_product_attention`` (flash/memory-efficient kernels on CUDA, the fused kernel on CPU).
+- ``paper``: eq. 6 taken literally, softmax(M * QK^T / sqrt(d)) V: a masked logit becomes 0, not
+  -inf, so masked tokens still receive weight exp(0) relative to the visible ones.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import TokenLayout
+from .masks import IDMasks, check_mode
+
+# Paper mode materialises logits; cap one chunk at this many float32 elements (256 MiB).
+_PAPER_CHUNK_ELEMENTS = 1 << 26
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads*d) -> (B, heads, L, d)."""
+    b, n, width = x.shape
+    return x.view(b, n, heads, width // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads*d)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _check_inputs(q, k, v, heads: int, layout: TokenLayout, masks: IDMasks | None, grid) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 3:
+            raise ValueError(f"{name} must be [batch, tokens, heads*dim_head], got shape {tuple(t.shape)}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share batch and token axes")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q batch {q.shape[0]} != k/v batch {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q width {q.shape[-1]} != k width {k.shape[-1]}: q and k must be projected "
+                         "to the same inner width")
+    for name, t in (("q", q), ("v", v)):
+        if t.shape[-1] % heads:
+            raise ValueError(f"{name} width {t.shape[-1]} is not divisible by heads={heads}")
+    layout.check_context(k, "k")
+    h, w = grid
+    if h * w != q.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} query pixels but the latent grid {h}x{w} has {h * w}")
+    if layout.n_ids and masks is None:
+        raise ValueError(f"the context holds {layout.n_ids} identities but no ID masks were given")
+    if masks is not None and masks.batch not in (1, q.shape[0]):
+        raise ValueError(f"ID masks are given for a batch of {masks.batch} but attention runs on a "
+                         f"batch of {q.shape[0]}; give (N, H, W) masks shared by all, or one set per sample")
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    layout: TokenLayout,
+    masks: IDMasks | None,
+    grid: tuple[int, int],
+    mode: str = "hard",
+) -> torch.Tensor:
+    """Attention of latent pixels q over a [text ; IDs] context, each ID visible only in its mask.
+
+    q: (B, h*w, heads*d) projected queries of an h x w latent grid (row-major, as the UNet flattens);
+    k, v: (B, layout.total, heads*d) projected context. Returns (B, h*w, heads*d) in q's dtype, before
+    the output projection, exactly like a ComfyUI attn2 replace function.
+    """
+    check_mode(mode)
+    _check_inputs(q, k, v, heads, layout, masks, grid)
+    qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
+    if layout.n_ids == 0:
+        return merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
+    h, w = grid
+    if mode == "hard":
+        bias = masks.hard_bias(layout, h, w, q.dtype, q.device)
+        return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias))
+    return merge_heads(_paper_attention(qh, kh, vh, layout, masks, grid))
+
+
+def _paper_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
+    """softmax(M * QK^T / sqrt(d) + log strength) V, in float32, chunked over query pixels."""
+    m, strength_bias = masks.paper_terms(layout, *grid, q.device)    # (B|1, 1, Q, N*W), (B|1, 1, 1, N*W)
+    b, heads, n_q, d = q.shape
+    scale = d ** -0.5
+    kf, vf = k.float(), v.float()
+    chunk = max(1, _PAPER_CHUNK_ELEMENTS // max(1, b * heads * k.shape[2]))
+    t = layout.text_len
+    out = torch.empty(b, heads, n_q, v.shape[-1], dtype=q.dtype, device=q.device)
+    for start in range(0, n_q, chunk):
+        stop = min(n_q, start + chunk)
+        logits = (q[:, :, start:stop].float() @ kf.transpose(-1, -2)) * scale
+        logits[..., t:] *= m[:, :, start:stop]
+        if strength_bias is not None:
+            logits[..., t:] += strength_bias
+        out[:, :, start:stop] = (logits.softmax(dim=-1) @ vf).to(q.dtype)
+    return out
