@@ -1,0 +1,102 @@
+"""From user images to a FACES value: detection ladder, face selection, encoding, ordering."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .base import Detection, FaceEncoder
+from .errors import NoFaceError, NoLocalFeaturesError
+from .image import MIN_SIDE, as_image_list
+from .ordering import order_faces, parse_faces_per_image
+from .types import Face, Faces
+
+# The padded retry: a face that fills the whole frame is missed by anchor-based detectors; a border of
+# this fraction of the image on each side brings it back into their range.
+PAD_FRACTION = 0.25
+
+
+def _pad(image: np.ndarray) -> tuple[np.ndarray, int, int]:
+    h, w = image.shape[:2]
+    py, px = int(round(h * PAD_FRACTION)), int(round(w * PAD_FRACTION))
+    return np.pad(image, ((py, py), (px, px), (0, 0))), px, py
+
+
+def detect_with_ladder(encoder: FaceEncoder, image: np.ndarray, index: int, total: int) -> list[Detection]:
+    """Try each ladder rung until faces appear, then once more on a padded copy; else a clear error."""
+    h, w = image.shape[:2]
+    where = f"image {index + 1} of {total}"
+    if min(h, w) < MIN_SIDE:
+        raise NoFaceError(f"{where} is only {w}x{h} px; a face needs at least {MIN_SIDE} px: use a larger photo",
+                          index)
+    for rung in encoder.ladder:
+        dets = encoder.detect(image, rung)
+        if dets:
+            return dets
+    padded, px, py = _pad(image)
+    dets = encoder.detect(padded, encoder.ladder[0])
+    if dets:
+        shift = np.array([px, py], np.float32)
+        for d in dets:
+            d.box = d.box - np.tile(shift, 2)
+            d.kps = d.kps - shift
+            d.box = np.clip(d.box, 0, [w, h, w, h]).astype(np.float32)
+        return dets
+    tried = ", ".join(str(r) for r in encoder.ladder)
+    hint = "try a larger, frontal, well-lit photo"
+    if int(image.max()) == int(image.min()):
+        hint = f"the image is one flat colour (all pixels {int(image.max())}): is the right image connected?"
+    raise NoFaceError(f"{where}: no face found after {encoder.ladder_label} {tried} and a padded retry; {hint}",
+                      index)
+
+
+def encode_faces(
+    encoder: FaceEncoder,
+    images: np.ndarray | Sequence[np.ndarray],
+    faces_per_image: str | Sequence = "auto",
+    order: str = "left_to_right",
+    index_list: str | Sequence[int] = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> Faces:
+    """Detect, select, encode and order faces.
+
+    ``images``: one image, a BxHxWxC batch or a list (sizes may differ), uint8 or float 0-1, gray/RGB/RGBA.
+    ``faces_per_image``: see :func:`ordering.parse_faces_per_image` ('auto': one image -> all faces,
+    several -> the largest of each). ``progress(done, total)`` is called after each image.
+    """
+    imgs = as_image_list(images)
+    counts = parse_faces_per_image(faces_per_image, len(imgs))
+    found: list[Face] = []
+    for i, (img, k) in enumerate(zip(imgs, counts)):
+        dets = detect_with_ladder(encoder, img, i, len(imgs))
+        if k is not None:
+            if len(dets) < k:
+                raise NoFaceError(
+                    f"image {i + 1} of {len(imgs)}: asked for {k} faces, found {len(dets)}; "
+                    "lower faces_per_image or use a photo where every face is visible", i)
+            # the k largest: a single-person photo may hold small background faces or HOG false hits
+            dets = sorted(dets, key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))[:k]
+        for d, e in zip(dets, encoder.encode(img, dets)):
+            found.append(Face(box=d.box.astype(np.float32), kps=d.kps.astype(np.float32), embedding=e.embedding,
+                              local=e.local, crop=e.crop, score=float(d.score), image_index=i,
+                              image_size=(int(img.shape[0]), int(img.shape[1]))))
+        if progress is not None:
+            progress(i + 1, len(imgs))
+    return Faces(faces=order_faces(found, order, index_list), encoder=encoder.name)
+
+
+def require_local(faces: Faces, step: str) -> None:
+    """For steps that need the local feature map: a clear error instead of inventing one."""
+    if not faces.has_local:
+        raise NoLocalFeaturesError(
+            f"{step} needs the local face features (the recognition network's 2-D feature map), but "
+            f"these faces come from '{faces.encoder or 'an encoder without one'}', which has none. "
+            "Encode the faces with the insightface backend (antelopev2 or buffalo_l)."
+        )
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Identity similarity of two embeddings (any backend; 1 = same direction)."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
