@@ -1,0 +1,67 @@
+"""The folder is a plain Python package without ComfyUI and a custom node inside ComfyUI."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import PACK_ROOT
+
+CORE = ["attention", "models", "pose", "palette.py", "train", "evaluate"]
+
+
+def test_core_imports_without_comfyui(tmp_path):
+    code = ("import sys, instantfamily_nodes.attention, instantfamily_nodes.models; "
+            "print(any(m == 'comfy' or m.startswith('comfy.') or m.startswith('comfy_api') for m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_core_sources_never_import_comfy():
+    offenders = []
+    for entry in CORE:
+        path = PACK_ROOT / entry
+        files = [path] if path.is_file() else sorted(path.rglob("*.py")) if path.is_dir() else []
+        for f in files:
+            for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "node_helpers",
+                               "execution", "server"}:
+                        offenders.append(f"{f.relative_to(PACK_ROOT)} imports {name}")
+    assert not offenders, offenders
+
+
+def test_loads_as_a_comfyui_custom_node(comfyui, tmp_path):
+    custom = tmp_path / "custom_nodes"
+    custom.mkdir()
+    (custom / "instantfamily_nodes").symlink_to(PACK_ROOT, target_is_directory=True)
+    code = f"""
+import asyncio, json, sys
+sys.path.insert(0, {str(comfyui)!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+before = set(nodes.NODE_CLASS_MAPPINGS)
+ok = asyncio.run(nodes.load_custom_node({str(custom / 'instantfamily_nodes')!r}))
+mod = sys.modules[[m for m in sys.modules if m.endswith('instantfamily_nodes') and 'custom_nodes' in m][0]]
+expected = sorted(c.GET_SCHEMA().node_id for c in __import__(mod.__name__ + '.nodes', fromlist=['x']).node_classes())
+added = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+print(json.dumps({{"ok": ok, "added": added, "expected": expected, "web": list(nodes.EXTENSION_WEB_DIRS)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True, out.stderr[-3000:]
+    assert result["added"] == result["expected"]
+    assert "instantfamily_nodes" in result["web"]
