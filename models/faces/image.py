@@ -17,6 +17,8 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     backgrounds do not turn into black frames around the face), uint8 or float in 0-1.
     """
     a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
+        return np.ascontiguousarray(a)
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3:

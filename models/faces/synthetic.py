@@ -1,0 +1,120 @@
+"""Small insightface-shaped ONNX models built on the spot, for tests, the benchmark and CPU demos.
+
+No insightface pack can be downloaded here, so these stand in for antelopev2's files: an ArcFace-shaped
+recognition net (iresnet layout: conv stages, a residual Add, BatchNorm, flatten, fc, BatchNorm1d) and an
+SCRFD-shaped detector (9 outputs: scores, box distances and keypoints for strides 8/16/32, 2 anchors)
+that "detects" bright squares. Random weights: no identity power. Needs torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def arcface_like(width: int = 16, emb_dim: int = 64, input_size: int = 112, seed: int = 0):
+    """torch module: 112x112 RGB -> embedding; ``.bn2`` output is the (width*8) x 7 x 7 local map."""
+    torch = _torch()
+    nn = torch.nn
+    torch.manual_seed(seed)
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, 2, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.act = nn.PReLU(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.down = nn.Conv2d(cin, cout, 1, 2, bias=False)
+
+        def forward(self, x):
+            return self.conv2(self.act(self.bn1(self.conv1(x)))) + self.down(x)
+
+    class ArcFaceLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            c = width
+            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c))
+            self.layers = nn.Sequential(Block(c, c * 2), Block(c * 2, c * 4), Block(c * 4, c * 8), Block(c * 8, c * 8))
+            self.bn2 = nn.BatchNorm2d(c * 8)
+            self.fc = nn.Linear(c * 8 * (input_size // 16) ** 2, emb_dim)
+            self.features = nn.BatchNorm1d(emb_dim)
+
+        def forward(self, x):
+            x = self.bn2(self.layers(self.stem(x)))
+            return self.features(self.fc(torch.flatten(x, 1)))
+
+    net = ArcFaceLike()
+    with torch.no_grad():  # non-trivial BN statistics so folding mistakes would show
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+def export_arcface_like(path: str | os.PathLike, width: int = 16, emb_dim: int = 64, seed: int = 0):
+    """Write an ArcFace-shaped recognition ONNX (dynamic batch, like insightface's); returns the torch net."""
+    torch = _torch()
+    net = arcface_like(width, emb_dim, seed=seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), input_names=["input.1"],
+                      output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}},
+                      opset_version=17, dynamo=False)
+    return net
+
+
+def export_scrfd_like(path: str | os.PathLike) -> None:
+    """Write an SCRFD-shaped detector ONNX: a face = a bright square covering at least one 32-px cell of
+    the detector's input; the box is 160 px around the brightest cell. Only stride 32 fires; keypoints sit where eyes, nose and mouth corners
+    would be in that square. insightface's own SCRFD code decodes it like the real model."""
+    torch = _torch()
+    nn = torch.nn
+
+    class ScrfdLike(nn.Module):
+        def forward(self, x):
+            gray = x.mean(1, keepdim=True)                      # input is (pixel - 127.5) / 128
+            outs_s, outs_b, outs_k = [], [], []
+            for s in (8, 16, 32):
+                p = nn.functional.avg_pool2d(gray, s, s)        # (1, 1, H/s, W/s)
+                cells = p.permute(0, 2, 3, 1)                    # (1, h, w, 1): row-major like SCRFD
+                cells = torch.cat([cells, cells], 3).reshape(-1, 1)  # 2 anchors per cell
+                score = torch.sigmoid(12.0 * (cells - 0.8)) if s == 32 else cells * 0.0
+                ones = cells * 0.0 + 1.0
+                outs_s.append(score)
+                # 160-px boxes around each anchor: wide enough that insightface's NMS (IoU 0.4) keeps one
+                # box per square even when 2x2 neighbouring cells fire.
+                outs_b.append(ones * torch.tensor([[2.5, 2.5, 2.5, 2.5]]))
+                outs_k.append(ones * torch.tensor([[-0.6, -0.4, 0.6, -0.4, 0.0, 0.3, -0.5, 1.0, 0.5, 1.0]]))
+            return (*outs_s, *outs_b, *outs_k)
+
+    names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(ScrfdLike(), torch.zeros(1, 3, 640, 640), str(path), input_names=["input.1"],
+                      output_names=names, dynamic_axes={"input.1": {2: "H", 3: "W"}},
+                      opset_version=17, dynamo=False)
+
+
+def make_model_pack(root: str | os.PathLike, name: str = "antelopev2", width: int = 16) -> Path:
+    """``root/models/<name>/`` with an SCRFD-shaped detector and an ArcFace-shaped recognizer."""
+    d = Path(root) / "models" / name
+    export_scrfd_like(d / "scrfd_like_bnkps.onnx")
+    export_arcface_like(d / "arcface_like.onnx", width=width)
+    return d
+
+
+def square_faces_image(centers: list[tuple[int, int]], size: int = 64, hw: tuple[int, int] = (480, 640)) -> np.ndarray:
+    """Black RGB image with bright squares the SCRFD-shaped detector reports as faces."""
+    img = np.zeros((*hw, 3), np.uint8)
+    for cx, cy in centers:
+        img[max(cy - size // 2, 0): cy + size // 2, max(cx - size // 2, 0): cx + size // 2] = 255
+    return img
