@@ -46,8 +46,9 @@ def _candidates(name: str, roots: Sequence[Path]) -> list[Path]:
 
 
 def find_model_dir(name: str, roots: Sequence[str | os.PathLike]) -> Path:
-    """Folder holding ``name``'s .onnx files; the error lists every place looked at."""
-    paths = _candidates(name, [Path(r).expanduser() for r in roots])
+    """Folder holding ``name``'s .onnx files under the roots, then ~/.insightface; the error lists
+    every place looked at."""
+    paths = _candidates(name, default_roots(roots))
     for p in paths:
         if p.is_dir() and any(p.glob("*.onnx")):
             return p
@@ -64,8 +65,8 @@ def find_model_dir(name: str, roots: Sequence[str | os.PathLike]) -> Path:
 def list_model_names(roots: Sequence[str | os.PathLike]) -> list[str]:
     """Model packs present under the roots (folders with .onnx files), known names first."""
     found: set[str] = set()
-    for root in roots:
-        base = Path(root).expanduser() / "models"
+    for root in default_roots(roots):
+        base = root / "models"
         if base.is_dir():
             for d in base.iterdir():
                 if d.is_dir() and (any(d.glob("*.onnx")) or any((d / d.name).glob("*.onnx"))):
@@ -129,8 +130,8 @@ class InsightFaceEncoder:
             elif task == "recognition" and rec_path is None:
                 rec_path = f
         if det_path is None or rec_path is None:
-            missing = " and ".join(t for t, p in (("a detection model (SCRFD)", det_path),
-                                                  ("a recognition model (ArcFace)", rec_path)) if p is None)
+            missing = " and ".join(t for t, p in (("detection model (SCRFD)", det_path),
+                                                  ("recognition model (ArcFace)", rec_path)) if p is None)
             raise ModelFolderError(
                 f"{model_dir}: has no {missing}. "
                 f"Expected {_EXPECTED_FILES.get(model_dir.name, 'an insightface model pack')}."

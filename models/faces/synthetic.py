@@ -19,6 +19,17 @@ def _torch():
     return torch
 
 
+def _export(module, example, path, **kwargs) -> None:
+    """torch's TorchScript ONNX exporter (no onnxscript needed), its deprecation chatter silenced."""
+    import warnings
+
+    torch = _torch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, example, str(path), opset_version=17, dynamo=False, **kwargs)
+
+
 def arcface_like(width: int = 16, emb_dim: int = 64, input_size: int = 112, seed: int = 0):
     """torch module: 112x112 RGB -> embedding; ``.bn2`` output is the (width*8) x 7 x 7 local map."""
     torch = _torch()
@@ -67,9 +78,8 @@ def export_arcface_like(path: str | os.PathLike, width: int = 16, emb_dim: int =
     torch = _torch()
     net = arcface_like(width, emb_dim, seed=seed)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), input_names=["input.1"],
-                      output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}},
-                      opset_version=17, dynamo=False)
+    _export(net, torch.zeros(1, 3, 112, 112), path, input_names=["input.1"], output_names=["embedding"],
+            dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}})
     return net
 
 
@@ -99,9 +109,8 @@ def export_scrfd_like(path: str | os.PathLike) -> None:
 
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(ScrfdLike(), torch.zeros(1, 3, 640, 640), str(path), input_names=["input.1"],
-                      output_names=names, dynamic_axes={"input.1": {2: "H", 3: "W"}},
-                      opset_version=17, dynamo=False)
+    _export(ScrfdLike(), torch.zeros(1, 3, 640, 640), path, input_names=["input.1"], output_names=names,
+            dynamic_axes={"input.1": {2: "H", 3: "W"}})
 
 
 def make_model_pack(root: str | os.PathLike, name: str = "antelopev2", width: int = 16) -> Path:
