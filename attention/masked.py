@@ -6,6 +6,11 @@ Text tokens are visible to every pixel; the tokens of ID n only to pixels inside
 - ``hard`` (default): masked logits get a large finite negative bias, so masked tokens receive no
   attention at all. The bias is additive, so it runs through torch's fused
   ``scaled_dot_product_attention`` (flash/memory-efficient kernels on CUDA, the fused kernel on CPU).
+  Two kernels compute it, both exact: ``dense`` (SDPA over the whole context with the additive
+  mask; used on CUDA, where the fused kernels take the mask for free) and ``regional`` (used on CPU
+  when the masks are shared by the batch): text attention over every pixel, plus each ID's tokens
+  attended only from the pixels inside its mask, merged through their log-sum-exps. Its cost is that
+  of text-only attention plus the face area, whatever N is.
 - ``paper``: eq. 6 taken literally, softmax(M * QK^T / sqrt(d)) V: a masked logit becomes 0, not
   -inf, so masked tokens still receive weight exp(0) relative to the visible ones.
 """
@@ -58,6 +63,11 @@ def _check_inputs(q, k, v, heads: int, layout: TokenLayout, masks: IDMasks | Non
                          f"batch of {q.shape[0]}; give (N, H, W) masks shared by all, or one set per sample")
 
 
+KERNELS = ("auto", "dense", "regional")
+# Returns (output, logsumexp); present in torch >= 2.2. Without it the regional kernel is unavailable.
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,6 +77,7 @@ def masked_attention(
     masks: IDMasks | None,
     grid: tuple[int, int],
     mode: str = "hard",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Attention of latent pixels q over a [text ; IDs] context, each ID visible only in its mask.
 
@@ -79,11 +90,47 @@ def masked_attention(
     qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
     if layout.n_ids == 0:
         return merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
-    h, w = grid
-    if mode == "hard":
-        bias = masks.hard_bias(layout, h, w, q.dtype, q.device)
-        return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias))
-    return merge_heads(_paper_attention(qh, kh, vh, layout, masks, grid))
+    masks.check_layout(layout)
+    if masks.trivial:
+        return merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
+    if mode == "paper":
+        return merge_heads(_paper_attention(qh, kh, vh, layout, masks, grid))
+    if _use_regional(kernel, q, masks):
+        return merge_heads(_regional_attention(qh, kh, vh, layout, masks, grid))
+    bias = masks.hard_bias(layout, *grid, q.dtype, q.device)
+    return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias))
+
+
+def _use_regional(kernel: str, q: torch.Tensor, masks: IDMasks) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    usable = q.device.type == "cpu" and masks.batch == 1 and _flash_cpu is not None
+    if kernel == "regional" and not usable:
+        raise ValueError("the regional kernel needs CPU tensors, masks shared by the batch and a torch "
+                         "with _scaled_dot_product_flash_attention_for_cpu; use kernel='dense'")
+    return usable if kernel == "auto" else kernel == "regional"
+
+
+def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
+    """Hard mode as text attention everywhere + ID n's attention inside mask n, merged exactly.
+
+    With per-part outputs o_p and log-sum-exps l_p (l_n already carrying log(strength * mask)),
+    softmax over the union is sum_p exp(l_p) o_p / sum_p exp(l_p); merging one ID at a time keeps
+    a running log-sum-exp, so overlapping masks just merge twice.
+    """
+    text = layout.text_slice
+    out, lse = _flash_cpu(q, k[:, :, text], v[:, :, text])
+    out, lse = out.float(), lse.float()
+    for n, idx, log_w in masks.regions(*grid, q.device):
+        ids = layout.id_slice(n)
+        o_n, l_n = _flash_cpu(q[:, :, idx], k[:, :, ids], v[:, :, ids])
+        l_n = l_n.float() + log_w
+        l_old = lse[:, :, idx]
+        l_new = torch.logaddexp(l_old, l_n)
+        a, b = (l_old - l_new).exp().unsqueeze(-1), (l_n - l_new).exp().unsqueeze(-1)
+        out[:, :, idx] = out[:, :, idx] * a + o_n.float() * b
+        lse[:, :, idx] = l_new
+    return out.to(q.dtype)
 
 
 def _paper_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:

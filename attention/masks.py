@@ -59,6 +59,8 @@ class IDMasks:
         self.masks = masks                      # (B|1, N, H, W) float32, image space
         self.n_ids = masks.shape[1]
         self.strength = self._strength(strength)  # (B|1, N) float32
+        # Every ID visible everywhere at strength 1: attention is plain attention, bit for bit.
+        self.trivial = bool((masks == 1).all()) and bool((self.strength == 1).all())
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _strength(self, strength) -> torch.Tensor:
@@ -84,6 +86,9 @@ class IDMasks:
         return self
 
     def check_layout(self, layout: TokenLayout) -> None:
+        """Validate once per layout that these masks fit it (count, no live empty mask)."""
+        if ("checked", layout) in self._cache:
+            return
         if layout.n_ids != self.n_ids:
             raise ValueError(
                 f"{self.n_ids} ID masks given for a context with {layout.n_ids} identities; "
@@ -99,6 +104,7 @@ class IDMasks:
                 f"ID mask(s) {empty} are empty (all zeros): that identity could never appear. "
                 "Check the face boxes or masks, or set its strength to 0 to switch it off"
             )
+        self._cache[("checked", layout)] = True
 
     def grid(self, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B|1, N, h*w) float32: the masks area-resized to an h x w latent grid."""
@@ -136,6 +142,23 @@ class IDMasks:
                 text = torch.zeros(per_token.shape[0], per_token.shape[1], layout.text_len, device=device)
                 bias = torch.cat([text, per_token], dim=-1).unsqueeze(1)                     # (B, 1, Q, K)
                 self._cache[key] = bias.to(dtype).contiguous()
+        return self._cache[key]
+
+    def regions(self, h: int, w: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """For masks shared by the batch: per visible ID, (n, pixel indices with weight > 0, log
+        weight at those pixels). The regional kernel attends ID n's tokens from those pixels only."""
+        device = torch.device(device)
+        key = ("regions", h, w, device)
+        if key not in self._cache:
+            if self.batch != 1:
+                raise ValueError("regions need masks shared by the batch; per-sample masks run dense")
+            weight = self.id_weight(h, w, device)[0]                  # (N, Q)
+            regions = []
+            for n in range(self.n_ids):
+                idx = (weight[n] > 0).nonzero()[:, 0]
+                if idx.numel():
+                    regions.append((n, idx, weight[n, idx].log()))
+            self._cache[key] = regions
         return self._cache[key]
 
     def paper_terms(self, layout: TokenLayout, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -32,20 +32,23 @@ def qkv(b, grid, layout, heads, d, seed=0, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-@pytest.mark.parametrize("mode", MODES)
+MODE_KERNELS = [("hard", "dense"), ("hard", "regional"), ("paper", "auto")]
+
+
+@pytest.mark.parametrize("mode,kernel", MODE_KERNELS)
 @pytest.mark.parametrize("n_ids,grid,image,heads,d", [
     (1, (8, 8), (64, 64), 2, 8),
     (4, (16, 16), (128, 128), 8, 5),
     (2, (9, 13), (72, 104), 4, 8),      # odd grid of a 576x832 image at 1/64
     (3, (5, 7), (33, 50), 2, 4),        # non-integer ratios
 ])
-def test_matches_float64_reference(mode, n_ids, grid, image, heads, d):
+def test_matches_float64_reference(mode, kernel, n_ids, grid, image, heads, d):
     rng = np.random.default_rng(n_ids)
     layout = TokenLayout(77, n_ids, 5)
     masks = rect_masks(n_ids, *image, rng, soft=True)
     strength = rng.uniform(0.0, 2.5, n_ids).astype(np.float32)
     q, k, v = qkv(2, grid, layout, heads, d, seed=n_ids)
-    out = masked_attention(q, k, v, heads, layout, IDMasks(torch.from_numpy(masks), strength), grid, mode)
+    out = masked_attention(q, k, v, heads, layout, IDMasks(torch.from_numpy(masks), strength), grid, mode, kernel)
     ref, _ = reference_attention(q, k, v, heads, 77, 5, masks, grid, mode, strength)
     np.testing.assert_allclose(out.numpy(), ref, atol=2e-5, rtol=1e-4)
 
@@ -60,10 +63,13 @@ def test_matches_float64_reference(mode, n_ids, grid, image, heads, d):
     tokens=st.integers(1, 10),
     batch=st.integers(1, 2),
     per_sample=st.booleans(),
-    mode=st.sampled_from(MODES),
+    mode_kernel=st.sampled_from(MODE_KERNELS),
     seed=st.integers(0, 2**16),
 )
-def test_property_reference(n_ids, gh, gw, scale, heads, d, text_len, tokens, batch, per_sample, mode, seed):
+def test_property_reference(n_ids, gh, gw, scale, heads, d, text_len, tokens, batch, per_sample, mode_kernel, seed):
+    mode, kernel = mode_kernel
+    if per_sample and kernel == "regional":
+        kernel = "dense"   # per-sample masks have no shared regions: the regional kernel refuses them
     rng = np.random.default_rng(seed)
     layout = TokenLayout(text_len, n_ids, tokens)
     H, W = gh * scale + rng.integers(0, 3), gw * scale + rng.integers(0, 3)
@@ -71,7 +77,7 @@ def test_property_reference(n_ids, gh, gw, scale, heads, d, text_len, tokens, ba
     masks = np.stack([rect_masks(n_ids, H, W, rng) for _ in range(batch)]) if per_sample else rect_masks(n_ids, H, W, rng)
     q, k, v = qkv(batch, (gh, gw), layout, heads, d, seed)
     id_masks = IDMasks(torch.from_numpy(masks).float()) if n_ids else None
-    out = masked_attention(q, k, v, heads, layout, id_masks, (gh, gw), mode)
+    out = masked_attention(q, k, v, heads, layout, id_masks, (gh, gw), mode, kernel)
     if n_ids == 0:
         ref = F.scaled_dot_product_attention(*(t.view(batch, -1, heads, d).transpose(1, 2).double() for t in (q, k, v)))
         ref = ref.transpose(1, 2).reshape(batch, -1, heads * d).numpy()
@@ -108,13 +114,14 @@ def _two_id_setup(mode="hard", strength=None, overlap=False):
     return layout, IDMasks(m, strength), q, k, v
 
 
-def test_hard_mode_isolates_ids():
+@pytest.mark.parametrize("kernel", ["dense", "regional"])
+def test_hard_mode_isolates_ids(kernel):
     layout, masks, q, k, v = _two_id_setup()
-    base = masked_attention(q, k, v, 2, layout, masks, (8, 8)).view(8, 8, -1)
+    base = masked_attention(q, k, v, 2, layout, masks, (8, 8), kernel=kernel).view(8, 8, -1)
     k2, v2 = k.clone(), v.clone()
     k2[:, layout.id_slice(1)] += 5.0 * torch.randn_like(k2[:, layout.id_slice(1)])
     v2[:, layout.id_slice(1)] += 5.0
-    changed = masked_attention(q, k2, v2, 2, layout, masks, (8, 8)).view(8, 8, -1)
+    changed = masked_attention(q, k2, v2, 2, layout, masks, (8, 8), kernel=kernel).view(8, 8, -1)
     assert torch.equal(base[:, :4], changed[:, :4]), "pixels outside ID 1's mask must not see ID 1"
     assert (base[:, 4:] - changed[:, 4:]).abs().amax(dim=-1).min() > 1e-3, "pixels inside must"
 
@@ -127,13 +134,14 @@ def test_paper_mode_leaks_by_design():
     assert p[0][:, left][..., layout.id_slice(1)].sum(-1).min() > 0.01
 
 
-def test_pixel_in_no_mask_sees_text_only():
+@pytest.mark.parametrize("kernel", ["dense", "regional"])
+def test_pixel_in_no_mask_sees_text_only(kernel):
     layout = TokenLayout(77, 2, 10)
     m = torch.zeros(2, 64, 64)
     m[0, :32, :32] = 1
     m[1, :32, 32:] = 1
     q, k, v = qkv(1, (8, 8), layout, 2, 8, seed=5)
-    out = masked_attention(q, k, v, 2, layout, IDMasks(m), (8, 8)).view(8, 8, -1)
+    out = masked_attention(q, k, v, 2, layout, IDMasks(m), (8, 8), kernel=kernel).view(8, 8, -1)
     text_only = F.scaled_dot_product_attention(
         *(t.view(1, -1, 2, 8).transpose(1, 2) for t in (q, k[:, :77], v[:, :77]))
     ).transpose(1, 2).reshape(1, 8, 8, -1)[0]
@@ -191,19 +199,19 @@ def test_paper_mode_all_ones_is_plain_attention():
     torch.testing.assert_close(out, plain.transpose(1, 2).reshape(1, -1, 320), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,kernel", MODE_KERNELS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
-def test_low_precision_is_finite_and_close(mode, dtype, tol):
+def test_low_precision_is_finite_and_close(mode, kernel, dtype, tol):
     layout = TokenLayout(77, 4, 50)
     rng = np.random.default_rng(0)
     masks = IDMasks(torch.from_numpy(rect_masks(4, 256, 256, rng)), [1.0, 0.0, 2.0, 0.5])
     q, k, v = qkv(2, (32, 32), layout, 8, 40, seed=9)
-    ref = masked_attention(q, k, v, 8, layout, masks, (32, 32), mode)
-    out = masked_attention(q.to(dtype), k.to(dtype), v.to(dtype), 8, layout, masks, (32, 32), mode)
+    ref = masked_attention(q, k, v, 8, layout, masks, (32, 32), mode, "dense")
+    out = masked_attention(q.to(dtype), k.to(dtype), v.to(dtype), 8, layout, masks, (32, 32), mode, kernel)
     assert out.dtype == dtype and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     # Huge logits (q x 100) must not overflow the masked bias into inf/NaN.
-    big = masked_attention((q * 100).to(dtype), k.to(dtype), v.to(dtype), 8, layout, masks, (32, 32), mode)
+    big = masked_attention((q * 100).to(dtype), k.to(dtype), v.to(dtype), 8, layout, masks, (32, 32), mode, kernel)
     assert torch.isfinite(big).all()
 
 
@@ -290,5 +298,15 @@ def test_error_grid_and_values():
         IDMasks(torch.ones(2, 8, 8), [1.0])
     with pytest.raises(ValueError, match="attention mode must be one of"):
         masked_attention(q, k, v, 2, layout, masks, (8, 8), "soft")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        masked_attention(q, k, v, 2, layout, masks, (8, 8), kernel="fast")
     with pytest.raises(ValueError, match="no ID masks were given"):
         masked_attention(q, k, v, 2, layout, None, (8, 8))
+
+
+def test_error_regional_kernel_with_per_sample_masks():
+    layout = TokenLayout(77, 2, 5)
+    q, k, v = qkv(2, (8, 8), layout, 2, 4)
+    per_sample = IDMasks(torch.full((2, 2, 8, 8), 0.5))
+    with pytest.raises(ValueError, match="regional kernel needs CPU tensors, masks shared by the batch"):
+        masked_attention(q, k, v, 2, layout, per_sample, (8, 8), kernel="regional")

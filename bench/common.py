@@ -1,0 +1,115 @@
+"""Shared benchmark plumbing: machine description, timing, peak memory, results files.
+
+Timing uses torch.utils.benchmark (it synchronises CUDA and picks repeat counts). Variants of one
+configuration are timed in interleaved rounds and the best round kept, so a neighbour process on a
+shared machine slows all variants alike instead of skewing one ratio.
+
+Peak memory: on CUDA, torch's allocator statistics. On CPU, the process's resident high-water mark
+(VmHWM), reset before each measurement through /proc/self/clear_refs; glibc is told to mmap every
+large block (MALLOC_MMAP_THRESHOLD_) so freed tensors really leave the resident set.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.benchmark import Timer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def ensure_malloc_env() -> None:
+    """Re-exec the script once with glibc returning large blocks to the OS (CPU memory numbers)."""
+    if os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
+        os.environ[_MMAP_ENV] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def machine(device: str) -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "cpu": f"{cpu} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, min_run_time: float = 0.3) -> dict[str, float]:
+    """Seconds per call (median within a round, best round) for each named callable."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+            best[name] = min(best[name], t)
+    return best
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> float:
+    """Peak bytes allocated by one call above what was allocated before it (outputs included)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del out
+        return float(peak)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _vm("VmRSS")
+    out = fn()
+    peak = _vm("VmHWM") - before
+    del out
+    return float(max(peak, 0))
+
+
+def write_results(name: str, device: str, info: dict[str, str], header: list[str], rows: list[list], notes: str = "") -> Path:
+    """Write bench/results/<name>-<device kind>.md and .json; return the markdown path."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    md = [f"# {name} ({kind})", ""]
+    md += [f"- {k}: {v}" for k, v in info.items()]
+    md += ["", markdown_table(header, rows)]
+    if notes:
+        md += ["", notes]
+    path = RESULTS_DIR / f"{name}-{kind}.md"
+    path.write_text("\n".join(md) + "\n")
+    (RESULTS_DIR / f"{name}-{kind}.json").write_text(json.dumps(
+        {"machine": info, "columns": header, "rows": rows}, indent=1) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
