@@ -22,6 +22,19 @@ def _pad(image: np.ndarray) -> tuple[np.ndarray, int, int]:
     return np.pad(image, ((py, py), (px, px), (0, 0))), px, py
 
 
+def _area(d: Detection) -> float:
+    return max(0.0, float(d.box[2] - d.box[0])) * max(0.0, float(d.box[3] - d.box[1]))
+
+
+def most_prominent(dets: list[Detection], k: int) -> list[Detection]:
+    """The k faces a "photo of this person" means: among faces at least half as large (in area) as the
+    largest, the most confident first; then the rest by size. Size alone is not enough: dlib's HOG
+    boxes come in a few fixed sizes, and a weak false hit can be as large as the real face."""
+    big = 0.5 * max(_area(d) for d in dets)
+    return sorted(dets, key=lambda d: (_area(d) >= big, d.score if _area(d) >= big else _area(d)),
+                  reverse=True)[:k]
+
+
 def detect_with_ladder(encoder: FaceEncoder, image: np.ndarray, index: int, total: int) -> list[Detection]:
     """Try each ladder rung until faces appear, then once more on a padded copy; else a clear error."""
     h, w = image.shape[:2]
@@ -74,8 +87,7 @@ def encode_faces(
                 raise NoFaceError(
                     f"image {i + 1} of {len(imgs)}: asked for {k} faces, found {len(dets)}; "
                     "lower faces_per_image or use a photo where every face is visible", i)
-            # the k largest: a single-person photo may hold small background faces or HOG false hits
-            dets = sorted(dets, key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))[:k]
+            dets = most_prominent(dets, k)
         for d, e in zip(dets, encoder.encode(img, dets)):
             found.append(Face(box=d.box.astype(np.float32), kps=d.kps.astype(np.float32), embedding=e.embedding,
                               local=e.local, crop=e.crop, score=float(d.score), image_index=i,
