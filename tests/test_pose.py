@@ -433,3 +433,30 @@ def test_pose_results_from_controlnet_aux_convert_to_people():
     p = people[0]
     assert not p.has(16) and p.joint(3) == pytest.approx((0.3, 0.15))
     assert p.hand_left.shape == (21, 3) and p.hand_right is None
+
+
+def test_detect_pose_runs_controlnet_aux_detector_and_keeps_the_image_canvas(tmp_path):
+    """The real controlnet-aux detection code on a body network with random weights: the annotator
+    files cannot be had here, so only their loading is bypassed (the detector is put in the cache
+    under its folder); resizing, detection, grouping and conversion all run for real."""
+    import torch
+    from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import Body
+    from controlnet_aux.open_pose.model import bodypose_model
+
+    torch.manual_seed(0)
+    body = Body.__new__(Body)
+    body.model = bodypose_model().eval()
+    folder = tmp_path / "openpose"
+    detect._DETECTORS[str(folder.resolve())] = OpenposeDetector(body)
+    try:
+        img = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
+        frame = detect.detect_pose(img, folder, detect_resolution=128)
+        assert frame.canvas_hw == (300, 200)
+        for p in frame.people:
+            present = p.body[p.body[:, 2] > 0]
+            assert ((present[:, :2] >= 0) & (present[:, :2] <= 1)).all()
+        with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 RGB"):
+            detect.detect_pose(img.astype(np.float32), folder)
+    finally:
+        detect._DETECTORS.pop(str(folder.resolve()), None)
