@@ -1,0 +1,137 @@
+"""A drop-in cross-attention module that runs masked attention whenever its context carries IDs.
+
+It wraps an existing cross-attention module (anything with ``to_q``/``to_k``/``to_v``/``to_out`` and
+``heads``, e.g. ComfyUI's ``CrossAttention``) and reuses its projection weights, so the UNet patch,
+the ControlNet patch and the trainer all run the same code. The projections are re-registered on
+the wrapper under their own names, so weight paths such as ``...attn2.to_k.weight`` (LoRA keys)
+resolve to the same tensors while the wrapper is in place.
+
+What to do for one generation comes in an ``IdentityBinding`` found under
+``transformer_options["instantfamily"]`` (the host's per-call options), or, for hosts that do not
+pass options down (ComfyUI's ControlNet), in the ``binding_scope`` context variable.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .layout import TEXT_CHUNK, TokenLayout
+from .masked import KERNELS, masked_attention
+from .masks import IDMasks, check_mode
+
+OPTIONS_KEY = "instantfamily"
+_scoped_options: contextvars.ContextVar[dict | None] = contextvars.ContextVar("instantfamily_options", default=None)
+
+
+@dataclass(eq=False)
+class IdentityBinding:
+    """Which identities a context holds, where each may act, how strongly, and when.
+
+    The IDs act while ``sigma_end <= sigma <= sigma_start``; outside that window the layer attends
+    to the text tokens only, exactly as the unpatched model would.
+    """
+
+    layout: TokenLayout
+    masks: IDMasks
+    mode: str = "hard"
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        self.masks.check_layout(self.layout)
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; a binding is read-only.
+        return self
+
+    def active(self, sigma: float | None) -> bool:
+        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
+
+
+@contextlib.contextmanager
+def binding_scope(transformer_options: dict | None) -> Iterator[None]:
+    """Make ``transformer_options`` visible to wrapped layers whose host does not pass them."""
+    token = _scoped_options.set(transformer_options)
+    try:
+        yield
+    finally:
+        _scoped_options.reset(token)
+
+
+def _current_sigma(options: dict) -> float | None:
+    sigmas = options.get("sigmas")
+    if sigmas is None:
+        return None
+    return float(sigmas.reshape(-1)[0])
+
+
+class MaskedCrossAttention(nn.Module):
+    """Cross-attention over [text ; IDs] with each ID visible only inside its mask."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        if isinstance(inner, MaskedCrossAttention):
+            inner = inner.inner
+        for name in ("to_q", "to_k", "to_v", "to_out"):
+            setattr(self, name, getattr(inner, name))
+        self.heads: int = inner.heads
+        # Not a registered submodule: the projections above are its only parameters.
+        object.__setattr__(self, "inner", inner)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
+        options = transformer_options or {}
+        binding: IdentityBinding | None = options.get(OPTIONS_KEY)
+        if binding is None:
+            scoped = _scoped_options.get()
+            if scoped is not None:
+                binding = scoped.get(OPTIONS_KEY)
+                options = {**scoped, **options}
+        if binding is None or context is None or value is not None or mask is not None:
+            return self.inner(x, context=context, value=value, mask=mask, transformer_options=options)
+
+        layout = binding.layout
+        n_tokens = context.shape[1]
+        if n_tokens != layout.total:
+            if n_tokens % TEXT_CHUNK == 0:
+                # A text-only context (another conditioning in the same graph): plain attention.
+                return self.inner(x, context=context, transformer_options=options)
+            raise ValueError(
+                f"cross-attention context has {n_tokens} tokens, but the identity stack is laid out as "
+                f"{layout.describe()} = {layout.total}. Build positive and negative with the same "
+                "InstantFamily Embedding Stack, and do not combine them with other conditioning"
+            )
+        if not binding.active(_current_sigma(options)):
+            return self.inner(x, context=context[:, layout.text_slice], transformer_options=options)
+
+        grid = _grid(options, x)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = masked_attention(q, k, v, self.heads, layout, binding.masks, grid, binding.mode, binding.kernel)
+        return self.to_out(out)
+
+
+def _grid(options: dict, x: torch.Tensor) -> tuple[int, int]:
+    """The exact latent grid of this layer: the host's activations_shape, checked against x."""
+    shape = options.get("activations_shape")
+    if shape is None or shape[-2] * shape[-1] != x.shape[1]:
+        raise ValueError(
+            f"cannot tell the latent grid of a cross-attention layer with {x.shape[1]} query pixels "
+            f"(activations_shape={shape}); the host must set transformer_options['activations_shape']"
+        )
+    return int(shape[-2]), int(shape[-1])
+
+
+def wrap_cross_attention(root: nn.Module, suffix: str = "attn2") -> dict[str, MaskedCrossAttention]:
+    """Wrappers for every module named ``*.<suffix>`` under ``root``, keyed by module path."""
+    return {name: MaskedCrossAttention(module) for name, module in root.named_modules()
+            if name.split(".")[-1] == suffix and module is not None}
