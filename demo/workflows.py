@@ -1,0 +1,114 @@
+"""Shipped workflows: where they live, how they are loaded, and how models and sizes are bound to them.
+
+Layout (one name per workflow):
+
+- ``workflows/<name>.json``: UI format, what ComfyUI's template browser lists (ComfyUI serves a pack's
+  ``workflows/`` folder like ``example_workflows/``; see ``app/custom_node_manager.py``) and what a user
+  opens; ``workflows/<name>.jpg`` is its thumbnail.
+- ``workflows/api/<name>.json``: the same graph in API format, what the headless runner, the demo and the
+  tests execute. Kept in a sub-folder so the template browser does not list it twice.
+
+Binding: model file names in a shipped workflow are the usual public names (e.g.
+``v1-5-pruned-emaonly.safetensors``); :func:`bind` swaps in the files actually found, and for the tiny
+model set also shrinks sizes and steps. Nodes are found by class type, so the workflows stay plain JSON.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .headless import PACK_ROOT
+
+WORKFLOW_DIR = PACK_ROOT / "workflows"
+API_DIR = WORKFLOW_DIR / "api"
+
+# class_type -> input holding a model file name, by kind
+MODEL_INPUTS: dict[str, tuple[str, str]] = {
+    "CheckpointLoaderSimple": ("checkpoint", "ckpt_name"),
+    "ControlNetLoader": ("controlnet", "control_net_name"),
+    "InstantFamilyControlNetLoader": ("controlnet", "control_net_name"),
+    "InstantFamilyWeightsLoader": ("weights", "weights_name"),
+    "InstantFamilyFaceEncoderLoader": ("face_pack", "model_name"),
+}
+# class_type -> (width input, height input) of nodes that fix the picture size
+SIZE_INPUTS: dict[str, tuple[str, str]] = {
+    "EmptyLatentImage": ("width", "height"),
+    "InstantFamilyPoseControl": ("width", "height"),
+    "InstantFamilyIDMasks": ("width", "height"),
+    "InstantFamilyKps5Control": ("width", "height"),
+}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """File names as ComfyUI's loaders list them (None: leave the workflow's own name)."""
+    checkpoint: str | None = None
+    controlnet: str | None = None
+    weights: str | None = None
+    face_pack: str | None = None
+
+    def get(self, kind: str) -> str | None:
+        return getattr(self, kind)
+
+
+def list_workflows() -> list[str]:
+    """Names of the shipped workflows that can run headless (they have an API-format file)."""
+    return sorted(p.stem for p in API_DIR.glob("*.json"))
+
+
+def workflow_path(name: str) -> Path:
+    path = API_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown workflow {name!r}; shipped: {', '.join(list_workflows()) or 'none'}")
+    return path
+
+
+def load_workflow(name_or_path: str | Path) -> dict:
+    """An API-format prompt: a shipped name, or a path to an API-format JSON file."""
+    p = Path(name_or_path)
+    path = p if p.suffix == ".json" and p.is_file() else workflow_path(str(name_or_path))
+    prompt = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(prompt, dict) or not all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+        raise ValueError(f"{path}: not an API-format workflow (expected {{node_id: {{class_type, inputs}}}}); "
+                         "in ComfyUI use 'Export (API)' to save one")
+    return prompt
+
+
+def kinds_needed(prompt: dict) -> list[str]:
+    """Which model kinds a workflow loads (checkpoint, controlnet, weights, face_pack)."""
+    kinds = []
+    for node in prompt.values():
+        k = MODEL_INPUTS.get(node["class_type"])
+        if k and k[0] not in kinds:
+            kinds.append(k[0])
+    return kinds
+
+
+def bind(prompt: dict, models: ModelChoice, max_side: int | None = None, steps: int | None = None) -> dict:
+    """A copy of ``prompt`` with the chosen model files, the picture scaled so its longer side is at most
+    ``max_side`` (aspect kept, multiples of 8) and sampler steps set to ``steps``."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        ctype, inputs = node["class_type"], node["inputs"]
+        if ctype in MODEL_INPUTS:
+            kind, key = MODEL_INPUTS[ctype]
+            if models.get(kind):
+                inputs[key] = models.get(kind)
+        if max_side and ctype in SIZE_INPUTS:
+            wk, hk = SIZE_INPUTS[ctype]
+            w, h = inputs.get(wk), inputs.get(hk)
+            if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 and max(w, h) > max_side:
+                s = max_side / max(w, h)
+                inputs[wk], inputs[hk] = max(8, int(w * s) // 8 * 8), max(8, int(h * s) // 8 * 8)
+        if steps and ctype in SAMPLERS and isinstance(inputs.get("steps"), int):
+            inputs["steps"] = steps
+    return out
+
+
+def save_image_nodes(prompt: dict) -> dict[str, str]:
+    """SaveImage node id -> its filename_prefix (the demo tells image from pose/mask preview by it)."""
+    return {nid: str(n["inputs"].get("filename_prefix", "")) for nid, n in prompt.items()
+            if n["class_type"] == "SaveImage"}
