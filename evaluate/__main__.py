@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "auto (regions when given)")
     ap.add_argument("--min-overlap", type=float, default=DEFAULT_MIN_OVERLAP,
                     help="least overlap of a face with its ID's region to count as that ID's face")
+    ap.add_argument("--det-threshold", type=float,
+                    help="face detection threshold (default: dlib 0.1 HOG margin, insightface 0.5, facenet 0 = "
+                         "MTCNN's own stage thresholds)")
     ap.add_argument("--device", default="cpu", help="torch device for facenet and CLIP (cpu, cuda)")
     ap.add_argument("--no-sheet", action="store_true", help="skip the contact sheet")
     return ap.parse_args(argv)
@@ -74,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{len(es.ref_files)} references ({', '.join(es.id_names)}), {len(es.items)} generated images", flush=True)
     encoder = make_encoder(args.backend, insightface_root=args.insightface_root,
                            insightface_model=args.insightface_model, facenet_weights=args.facenet_weights,
-                           device=args.device)
+                           device=args.device, det_threshold=args.det_threshold)
     ref_images = [load_image(f) for f in es.ref_files]
     refs = encode_references(encoder, ref_images, [f.name for f in es.ref_files])
     ts = load_textsim(args.clip, device=args.device) if es.has_prompts else None

@@ -97,7 +97,7 @@ class FacenetEncoder:
     ladder = (20,)
     device = "CPU"
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu") -> None:
+    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", min_prob: float = 0.0) -> None:
         import torch
 
         MTCNN, InceptionResnetV1, self._extract, self._standardize = _facenet_pytorch()
@@ -120,6 +120,7 @@ class FacenetEncoder:
         self.name = "facenet/vggface2" if path.name == FACENET_FILE else f"facenet/{path.stem}"
         self.model = model.eval().to(device)
         self.device_name = device
+        self.min_prob = float(min_prob)
         self.mtcnn = MTCNN(image_size=FACENET_SIZE, margin=0, min_face_size=20, thresholds=[0.6, 0.7, 0.7],
                            factor=0.709, post_process=True, keep_all=True, device=device)
 
@@ -131,7 +132,7 @@ class FacenetEncoder:
         h, w = image.shape[:2]
         return [Detection(box=np.clip(np.asarray(b, np.float32), 0, [w, h, w, h]).astype(np.float32),
                           kps=np.asarray(p, np.float32), score=float(s))
-                for b, s, p in zip(boxes, probs, points)]
+                for b, s, p in zip(boxes, probs, points) if float(s) >= self.min_prob]
 
     def encode(self, image: np.ndarray, detections: list[Detection]) -> list[Encoded]:
         from PIL import Image
@@ -146,21 +147,33 @@ class FacenetEncoder:
                 for e, d in zip(emb, detections)]
 
 
+# Detection thresholds for scoring. A false face costs more here than in the generation nodes: it can
+# be matched to an ID and, with dlib's compressed similarity scale (strangers at cos ~0.8-0.9), look
+# like a decent likeness. dlib's HOG score is an SVM margin: on the test photos false hits scored
+# 0.005-0.05 and the weakest real face (t1.jpg) 0.21, hence 0.1. insightface: its own 0.5. MTCNN:
+# FastComposer used its stage thresholds and no extra cut.
+DEFAULT_DET_THRESHOLD = {"dlib": 0.1, "insightface": 0.5, "facenet": 0.0}
+
+
 def make_encoder(backend: str = "dlib", *, insightface_root: str | os.PathLike | None = None,
                  insightface_model: str = "antelopev2", facenet_weights: str | os.PathLike | None = None,
-                 provider: str = "auto", device: str = "cpu") -> FaceEncoder:
+                 provider: str = "auto", device: str = "cpu", det_threshold: float | None = None) -> FaceEncoder:
     """A face encoder for scoring; errors say what to install or where to put the weights."""
+    if backend not in BACKENDS:
+        raise EvaluationInputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    thr = DEFAULT_DET_THRESHOLD[backend] if det_threshold is None else float(det_threshold)
     if backend == "dlib":
         from ..models.faces.dlib_backend import DlibEncoder
 
-        return DlibEncoder()
+        return DlibEncoder(threshold=thr)
     if backend == "insightface":
         from ..models.faces.insightface_backend import InsightFaceEncoder, find_model_dir
 
         roots = [insightface_root] if insightface_root else []
-        return InsightFaceEncoder(find_model_dir(insightface_model, roots), provider=provider, name=insightface_model)
+        return InsightFaceEncoder(find_model_dir(insightface_model, roots), provider=provider, det_thresh=thr,
+                                  name=insightface_model)
     if backend == "facenet":
-        return FacenetEncoder(facenet_weights, device=device)
+        return FacenetEncoder(facenet_weights, device=device, min_prob=thr)
     raise EvaluationInputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
 
 

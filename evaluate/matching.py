@@ -113,17 +113,19 @@ def match_by_regions(boxes: Sequence[Sequence[float]], regions: Sequence[np.ndar
     return out
 
 
-def largest(boxes: Sequence[Sequence[float]], k: int) -> list[int]:
-    """Indices of the k largest boxes, largest first (FastComposer's candidate faces)."""
-    areas = [max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) for b in boxes]
-    return sorted(range(len(boxes)), key=lambda j: -areas[j])[:k]
+def largest(boxes: Sequence[Sequence[float]], k: int, scores: Sequence[float] | None = None) -> list[int]:
+    """Indices of the k largest boxes, largest first (FastComposer's candidate faces). Equal areas are
+    common (dlib's HOG boxes come in a few fixed sizes): the more confident detection goes first."""
+    areas = [max(0.0, float(b[2] - b[0])) * max(0.0, float(b[3] - b[1])) for b in boxes]
+    conf = list(scores) if scores is not None else [0.0] * len(boxes)
+    return sorted(range(len(boxes)), key=lambda j: (-areas[j], -conf[j], j))[:k]
 
 
 def match_greedy(refs: Sequence[np.ndarray], embeddings: Sequence[np.ndarray],
-                 boxes: Sequence[Sequence[float]]) -> list[int | None]:
+                 boxes: Sequence[Sequence[float]], scores: Sequence[float] | None = None) -> list[int | None]:
     """For each reference, its face index by greedy similarity matching among the N largest faces."""
     out: list[int | None] = [None] * len(refs)
-    cand = largest(boxes, len(refs))
+    cand = largest(boxes, len(refs), scores)
     if not cand or not len(refs):
         return out
     sim = cosine_matrix(refs, [embeddings[j] for j in cand])

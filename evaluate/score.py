@@ -66,7 +66,8 @@ def score_image(name: str, refs: Sequence[np.ndarray], ids: Sequence[int], faces
     if match == "regions" and regions is None:
         raise EvaluationInputError(f"{name}: match=regions needs the ID masks, boxes or points it was generated with; "
                                    "add them to the manifest or use match=greedy")
-    greedy = match_greedy(my_refs, embs, boxes)
+    dets = [f.score for f in faces]
+    greedy = match_greedy(my_refs, embs, boxes, dets)
     if regions is not None and match != "greedy":
         assignment, used = match_by_regions(boxes, regions, min_overlap), "regions"
         agrees = assignment == greedy
@@ -76,7 +77,7 @@ def score_image(name: str, refs: Sequence[np.ndarray], ids: Sequence[int], faces
     identity, mixing, ms = multi_sim(my_refs, gens)
     sims = single_sims(my_refs, gens)
     # FastComposer's own protocol, whatever the matching above: the N largest faces, greedy, min.
-    fc = fastcomposer_score(my_refs, [embs[j] for j in largest(boxes, len(ids))])
+    fc = fastcomposer_score(my_refs, [embs[j] for j in largest(boxes, len(ids), dets)])
     return ImageScore(name=name, ids=list(ids), faces=faces, assignment=assignment, match=used, single_sim=sims,
                       identity=identity, mixing=mixing, multi_sim=ms, fastcomposer=fc, greedy_agrees=agrees,
                       size=size)
