@@ -202,12 +202,15 @@ def format_validation_errors(prompt: dict, error: dict | None, node_errors: dict
     return "\n".join(lines) or "invalid prompt (no details from ComfyUI)"
 
 
-def validate(prompt: dict, prompt_id: str = "validate") -> list[str]:
-    """``execution.validate_prompt``; returns the output node ids to execute or raises WorkflowError."""
+def validate(prompt: dict, prompt_id: str = "validate", strict: bool = True) -> list[str]:
+    """``execution.validate_prompt``; returns the output node ids to execute or raises WorkflowError.
+
+    ComfyUI accepts a prompt when at least one output is valid and silently drops the others; ``strict``
+    (the default) refuses any node error, so a broken loader cannot hide behind a working preview."""
     import execution
 
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not ok:
+    if not ok or (strict and node_errors):
         raise WorkflowError("ComfyUI refused the workflow:\n" + format_validation_errors(prompt, error, node_errors))
     return list(outputs)
 

@@ -1,0 +1,196 @@
+"""The demo's tiny model set through ComfyUI's real loaders, and the headless runner (real executor, CPU)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="ComfyUI and the tiny models need torch")
+pytest.importorskip("onnxruntime", reason="the synthetic face pack is exported/checked with onnx tooling")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfyui, tmp_path_factory):
+    from instantfamily_nodes.demo import tiny
+
+    tiny.register_tiny_model_type()
+    return tiny.build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def comfy_headless(comfyui, tiny_models, tmp_path_factory):
+    """ComfyUI imported in this process with its nodes and the pack registered by ComfyUI's own loader."""
+    from instantfamily_nodes.demo import headless
+
+    work = tmp_path_factory.mktemp("comfy_io")
+    headless.setup_comfyui(comfyui, extra_model_paths=[tiny_models.extra_model_paths], cpu=True,
+                           output_dir=work / "output", input_dir=work / "input", quiet=True)
+    return headless
+
+
+def _tiny_choice(models):
+    from instantfamily_nodes.demo.workflows import ModelChoice
+
+    return ModelChoice(checkpoint=models.checkpoint, controlnet=models.controlnet, weights=models.weights,
+                       face_pack=models.face_pack)
+
+
+# ---------------------------------------------------------------- the tiny set
+
+def test_tiny_set_layout_sizes_and_yaml(tiny_models):
+    import yaml
+
+    root = tiny_models.root
+    files = {
+        root / "checkpoints" / tiny_models.checkpoint: 40e6,
+        root / "controlnet" / tiny_models.controlnet: 10e6,
+        root / "instantfamily" / tiny_models.weights: 2e6,
+    }
+    for f, limit in files.items():
+        assert f.is_file() and f.stat().st_size < limit, f
+    assert sorted(p.suffix for p in (root / "insightface" / "models" / "antelopev2").iterdir()) == [".onnx", ".onnx"]
+    conf = yaml.safe_load(tiny_models.extra_model_paths.read_text())["instantfamily_tiny"]
+    assert Path(conf["base_path"]) == root
+    assert conf["checkpoints"] == "checkpoints" and conf["instantfamily"] == "instantfamily"
+    assert str(tiny_models.shim_dir) in conf["custom_nodes"]
+
+
+def test_tiny_weights_fit_the_synthetic_face_pack(tiny_models):
+    from instantfamily_nodes.models import load_weights
+    from instantfamily_nodes.models.faces import synthetic
+
+    wf = load_weights(tiny_models.root / "instantfamily" / tiny_models.weights,
+                      expect={"face_encoder": "insightface/antelopev2", "d_k": 768, "L": 7})
+    net = synthetic.arcface_like()  # the recognizer make_model_pack exports
+    local = net.bn2.num_features
+    assert (wf.meta.d_gf, wf.meta.d_lf, wf.meta.attention_mode) == (net.fc.out_features, local, "hard")
+    proj = wf.projection()
+    tokens = proj(torch.randn(2, wf.meta.d_gf), torch.randn(2, 7, 7, local))
+    assert tokens.shape == (2, 50, 768) and torch.isfinite(tokens).all()
+
+
+def test_tiny_weights_are_seeded_and_fully_initialised(comfyui):
+    from instantfamily_nodes.demo import tiny
+
+    a, b, c = tiny.controlnet_state_dict(5), tiny.controlnet_state_dict(5), tiny.controlnet_state_dict(6)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in a.values())
+
+
+def test_register_tiny_model_type_is_idempotent_and_leaves_sd15_alone(comfyui):
+    import comfy.model_detection
+    import comfy.supported_models
+    from instantfamily_nodes.demo import tiny
+
+    cls = tiny.register_tiny_model_type()
+    assert tiny.register_tiny_model_type() is cls
+    assert sum(getattr(m, "instantfamily_tiny", False) for m in comfy.supported_models.models) == 1
+    real = dict(tiny.UNET_CONFIG, model_channels=320, channel_mult=[1, 2, 4, 4])
+    assert type(comfy.model_detection.model_config_from_unet_config(real)) is comfy.supported_models.SD15
+    assert type(comfy.model_detection.model_config_from_unet_config(dict(tiny.UNET_CONFIG))) is cls
+
+
+def test_tiny_checkpoint_and_controlnet_load_through_core_nodes_and_sample(comfy_headless, tiny_models):
+    import comfy.controlnet
+    import comfy.model_detection
+    import comfy.utils
+    import nodes
+    from instantfamily_nodes.demo import tiny
+
+    sd = comfy.utils.load_torch_file(str(tiny_models.root / "checkpoints" / tiny_models.checkpoint))
+    assert comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.") == tiny.UNET_CONFIG
+
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.checkpoint)
+    assert getattr(model.model.model_config, "instantfamily_tiny", False)
+    assert type(vae.first_stage_model).__name__ == "TAESD"
+    (control_net,) = nodes.ControlNetLoader().load_controlnet(tiny_models.controlnet)
+    assert isinstance(control_net, comfy.controlnet.ControlNet)
+
+    (pos,) = nodes.CLIPTextEncode().encode(clip, "two people in a park")
+    (neg,) = nodes.CLIPTextEncode().encode(clip, "")
+    assert pos[0][0].shape == (1, 77, 768)  # SD1.5's context shape
+    hint = torch.rand(1, 256, 256, 3)
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control_net, hint, 1.0, 0.0, 1.0)
+    (latent,) = nodes.EmptyLatentImage().generate(256, 256, 1)
+    (out,) = nodes.common_ksampler(model, 0, 1, 5.0, "euler", "normal", pos, neg, latent)
+    assert out["samples"].shape == (1, 4, 32, 32) and torch.isfinite(out["samples"]).all()
+    (img,) = nodes.VAEDecode().decode(vae, out)
+    assert img.shape == (1, 256, 256, 3) and torch.isfinite(img).all()
+
+
+# ---------------------------------------------------------------- headless runner
+
+def test_every_shipped_workflow_validates_and_runs_headless(comfy_headless, tiny_models):
+    from PIL import Image
+
+    from instantfamily_nodes.demo import workflows
+
+    names = workflows.list_workflows()
+    assert names, "no shipped API-format workflows"
+    for name in names:
+        prompt = workflows.bind(workflows.load_workflow(name), _tiny_choice(tiny_models), max_side=256, steps=1)
+        result = comfy_headless.run_prompt(prompt)
+        saved = workflows.save_image_nodes(prompt)
+        assert saved, f"{name}: no SaveImage node"
+        for nid in saved:
+            files = result.image_files(nid)
+            assert files and all(f.is_file() for f in files), (name, nid, result.outputs)
+            w, h = Image.open(files[0]).size
+            assert max(w, h) <= 256
+
+
+def test_validation_errors_name_the_node_and_input(comfy_headless, tiny_models):
+    from instantfamily_nodes.demo import workflows
+
+    prompt = workflows.bind(workflows.load_workflow("pose_controlnet_plumbing"), _tiny_choice(tiny_models))
+    prompt["1"]["inputs"]["ckpt_name"] = "no_such_model.safetensors"
+    with pytest.raises(comfy_headless.WorkflowError) as e:
+        comfy_headless.run_prompt(prompt)
+    msg = str(e.value)
+    assert "node 1 (CheckpointLoaderSimple)" in msg and "'ckpt_name'" in msg and "no_such_model" in msg
+
+
+def test_workflow_binding_scales_sizes_and_swaps_models():
+    from instantfamily_nodes.demo import workflows
+
+    prompt = workflows.load_workflow("pose_controlnet_plumbing")
+    bound = workflows.bind(prompt, workflows.ModelChoice(checkpoint="a.safetensors", controlnet="b.safetensors"),
+                           max_side=384, steps=2)
+    kinds = {n["class_type"]: n["inputs"] for n in bound.values()}
+    assert kinds["CheckpointLoaderSimple"]["ckpt_name"] == "a.safetensors"
+    assert kinds["ControlNetLoader"]["control_net_name"] == "b.safetensors"
+    assert (kinds["EmptyLatentImage"]["width"], kinds["EmptyLatentImage"]["height"]) == (384, 256)
+    assert kinds["KSampler"]["steps"] == 2
+    assert prompt["8"]["inputs"]["width"] == 768  # the shipped file is untouched
+    with pytest.raises(ValueError, match="unknown workflow 'nope'; shipped: "):
+        workflows.load_workflow("nope")
+
+
+def test_demo_command_with_tiny_models(comfy_headless, tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    from instantfamily_nodes.demo.__main__ import main
+
+    out = tmp_path / "out"
+    rc = main(["--tiny", "--cache", str(tiny_models.root), "--out", str(out), "--steps", "1"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "UNTRAINED TINY models" in text
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["pose_controlnet_plumbing.png", "pose_controlnet_plumbing_overlay.png",
+                     "pose_controlnet_plumbing_pose_masks.png"]
+    sizes = {Image.open(out / f).size for f in files}
+    assert sizes == {(384, 256)}
+
+
+def test_tiny_build_is_reused_when_present(tiny_models):
+    from instantfamily_nodes.demo import tiny
+
+    ckpt = tiny_models.root / "checkpoints" / tiny_models.checkpoint
+    before = (ckpt.stat().st_mtime_ns, hashlib.sha256(ckpt.read_bytes()).hexdigest())
+    tiny.build_tiny_models(tiny_models.root)
+    assert (ckpt.stat().st_mtime_ns, hashlib.sha256(ckpt.read_bytes()).hexdigest()) == before
+    assert tiny.is_tiny_checkpoint(ckpt)
