@@ -55,7 +55,7 @@ class TextSim:
             raise EvaluationInputError(f"TextSim: {len(images)} images but {len(prompts)} prompts; give one prompt per image")
         out: list[float] = []
         for s in range(0, len(images), self.batch_size):
-            imgs = [np.asarray(im) for im in images[s: s + self.batch_size]]
+            imgs = [np.array(im) for im in images[s: s + self.batch_size]]  # a writable copy for torch
             txt = [str(p) for p in prompts[s: s + self.batch_size]]
             # CLIP's text encoder sees at most 77 tokens (FastComposer truncates the same way).
             inp = self.processor(text=txt, images=imgs, return_tensors="pt", padding=True, truncation=True,
