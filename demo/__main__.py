@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import headless, workflows
 
-DEFAULT_WORKFLOWS = ("pose_controlnet_plumbing",)  # first shipped one found is the default
+DEFAULT_WORKFLOWS = ("4_people_pose_template", "pose_controlnet_plumbing")  # first one shipped is the default
 TINY_MAX_SIDE = 384
 TINY_STEPS = 2
 UNTRAINED = ("NOTE: this picture comes from UNTRAINED TINY models built on the spot (random weights, "
@@ -91,20 +91,34 @@ def find_real_models(prompt: dict) -> tuple[workflows.ModelChoice, list[str]]:
     return workflows.ModelChoice(**{k: v for k, v in found.items() if v}), missing
 
 
-def _prepare_inputs(prompt: dict, input_dir: Path) -> None:
-    """LoadImage inputs missing from the input folder get synthetic face images (tiny runs only):
-    bright squares the synthetic detector reports as faces, one per image."""
+def _prepare_inputs(prompt: dict, input_dir: Path, photos: list[str], search: list[Path], synthetic_ok: bool) -> list[str]:
+    """Fill the run's input folder for the workflow's LoadImage nodes, in node order: ``--photos`` first,
+    then same-name files from ComfyUI's own input folder, then (tiny runs only) synthetic face images:
+    bright squares the synthetic detector reports as faces. Returns what is still missing."""
     import numpy as np
     from PIL import Image
 
     from ..models.faces import synthetic
 
-    for i, node in enumerate(n for n in prompt.values() if n["class_type"] == "LoadImage"):
+    missing = []
+    loads = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
+    for i, node in enumerate(loads):
         name = node["inputs"].get("image")
-        if isinstance(name, str) and not (input_dir / name).is_file():
-            (input_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            img = synthetic.square_faces_image([(160 + 40 * i, 200)], size=96, hw=(400, 320))
-            Image.fromarray(np.asarray(img)).save(input_dir / name)
+        if not isinstance(name, str):
+            continue
+        dst = input_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        found = [Path(photos[i])] if i < len(photos) else [d / name for d in search if (d / name).is_file()]
+        if found:
+            if not found[0].is_file():
+                raise FileNotFoundError(f"--photos: {found[0]} does not exist")
+            shutil.copyfile(found[0], dst)
+        elif synthetic_ok:
+            img = synthetic.square_faces_image([(160, 200)], size=96, hw=(400, 320))
+            Image.fromarray(np.asarray(img)).save(dst)
+        else:
+            missing.append(f"{node.get('_meta', {}).get('title', 'LoadImage')} ({name})")
+    return missing
 
 
 def overlay(image: Path, preview: Path, out: Path, alpha: float = 0.45) -> Path:
@@ -142,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help=f"where the tiny models are built (default {cache_dir()})")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the workflow's; tiny: 2)")
     ap.add_argument("--cpu", action="store_true", help="force CPU")
+    ap.add_argument("--photos", nargs="+", default=[], metavar="IMAGE",
+                    help="photos for the workflow's Load Image nodes, in order (person 1 = ID 0, ...)")
     ap.add_argument("--verbose", action="store_true", help="show ComfyUI's start-up warnings")
     ap.add_argument("--list", action="store_true", help="list the shipped workflows and exit")
     a = ap.parse_args(argv)
@@ -192,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
                                            weights=models.weights, face_pack=models.face_pack)
             print(UNTRAINED)
             prompt = workflows.bind(prompt, choice, max_side=TINY_MAX_SIDE, steps=a.steps or TINY_STEPS)
-            _prepare_inputs(prompt, work / "input")
         else:
             print("Using your models: " + ", ".join(f"{k}={v}" for k, v in vars(choice).items() if v))
             prompt = workflows.bind(prompt, choice, steps=a.steps)
+        still = _prepare_inputs(prompt, work / "input", a.photos, [comfy_path / "input"], synthetic_ok=use_tiny)
+        if still:
+            print("Photos needed: " + "; ".join(still) + ". Pass them with --photos (one per person, in "
+                  "order) or put files with these names in ComfyUI's input folder.", file=sys.stderr)
+            return 2
         print(f"Running workflow {label!r} ({len(prompt)} nodes) ...", flush=True)
         result = headless.run_prompt(prompt, on_message=_progress(prompt))
         saved = workflows.save_image_nodes(prompt)
@@ -205,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             files = result.image_files(nid)
             if not files:
                 continue
-            role = "pose_masks" if re.search(r"pose|mask|overlay|preview", prefix, re.I) else "image"
+            # the prefix's last part names the file: ".../image" -> <workflow>.png, ".../pose_masks" -> ..._pose_masks.png
+            role = re.sub(r"[^A-Za-z0-9_-]+", "_", prefix.replace("\\", "/").rsplit("/", 1)[-1]) or f"node{nid}"
             for i, f in enumerate(files):
                 dst = out_dir / (f"{label}_{role}" if role != "image" else label)
                 dst = dst.with_name(dst.name + (f"_{i}" if len(files) > 1 else "") + f.suffix)
