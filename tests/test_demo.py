@@ -128,18 +128,25 @@ def test_every_shipped_workflow_validates_and_runs_headless(comfy_headless, tiny
 
     from instantfamily_nodes.demo import workflows
 
+    import folder_paths
+
+    from instantfamily_nodes.demo.__main__ import _prepare_inputs
+
     names = workflows.list_workflows()
     assert names, "no shipped API-format workflows"
     for name in names:
         prompt = workflows.bind(workflows.load_workflow(name), _tiny_choice(tiny_models), max_side=256, steps=1)
+        # synthetic photos (one bright-square "face" each) for the Load Image nodes
+        assert _prepare_inputs(prompt, Path(folder_paths.get_input_directory()), [], [], synthetic_ok=True) == []
         result = comfy_headless.run_prompt(prompt)
         saved = workflows.save_image_nodes(prompt)
         assert saved, f"{name}: no SaveImage node"
-        for nid in saved:
+        for nid, prefix in saved.items():
             files = result.image_files(nid)
             assert files and all(f.is_file() for f in files), (name, nid, result.outputs)
-            w, h = Image.open(files[0]).size
-            assert max(w, h) <= 256
+            if prefix.endswith(("/image", "/pose_masks")):  # picture-sized outputs follow the bound size
+                w, h = Image.open(files[0]).size
+                assert max(w, h) == 256
 
 
 def test_validation_errors_name_the_node_and_input(comfy_headless, tiny_models):
@@ -179,11 +186,23 @@ def test_demo_command_with_tiny_models(comfy_headless, tiny_models, tmp_path, ca
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "UNTRAINED TINY models" in text
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["pose_controlnet_plumbing.png", "pose_controlnet_plumbing_overlay.png",
-                     "pose_controlnet_plumbing_pose_masks.png"]
-    sizes = {Image.open(out / f).size for f in files}
+    name = "4_people_pose_template"  # the default: the pack's main nodes end to end
+    files = {p.name for p in out.iterdir()}
+    assert {f"{name}.png", f"{name}_overlay.png", f"{name}_pose_masks.png"} <= files
+    assert sum(f.startswith(f"{name}_faces") for f in files) == 4  # one preview per photo
+    sizes = {Image.open(out / f).size for f in (f"{name}.png", f"{name}_overlay.png", f"{name}_pose_masks.png")}
     assert sizes == {(384, 256)}
+
+
+def test_demo_command_real_mode_asks_for_photos(comfy_headless, tiny_models, tmp_path, capsys):
+    """Real mode never invents photos: with models 'found' but no photos it says what to pass."""
+    from instantfamily_nodes.demo import __main__ as demo
+
+    prompt = demo.workflows.load_workflow("4_people_pose_template")
+    missing = demo._prepare_inputs(prompt, tmp_path, [], [], synthetic_ok=False)
+    assert len(missing) == 4 and "person_1.png" in missing[0]
+    with pytest.raises(FileNotFoundError, match="--photos: .*nope.png does not exist"):
+        demo._prepare_inputs(prompt, tmp_path, [str(tmp_path / "nope.png")], [], synthetic_ok=False)
 
 
 def test_tiny_build_is_reused_when_present(tiny_models):
