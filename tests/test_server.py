@@ -46,13 +46,16 @@ def test_object_info_lists_every_pack_node_with_input_tooltips(server):
     assert not untipped, f"inputs without a tooltip: {untipped}"
 
 
-def test_post_prompt_of_a_shipped_workflow_completes(server):
+@pytest.mark.parametrize("name", ["4_people_pose_template"])
+def test_post_prompt_of_a_shipped_workflow_completes(server, name):
     from instantfamily_nodes.demo import workflows
+    from instantfamily_nodes.demo.__main__ import _prepare_inputs
 
     m = server.models
     choice = workflows.ModelChoice(checkpoint=m.checkpoint, controlnet=m.controlnet, weights=m.weights,
                                    face_pack=m.face_pack)
-    prompt = workflows.bind(workflows.load_workflow("pose_controlnet_plumbing"), choice, max_side=256, steps=1)
+    prompt = workflows.bind(workflows.load_workflow(name), choice, max_side=256, steps=1)
+    assert _prepare_inputs(prompt, server.workdir / "input", [], [], synthetic_ok=True) == []
     entry = server.run_prompt(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success"
     for nid in workflows.save_image_nodes(prompt):
