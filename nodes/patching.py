@@ -61,7 +61,11 @@ class InstantFamilyControlNet(comfy.controlnet.ControlNet):
 
 def load_controlnet(path: str) -> InstantFamilyControlNet:
     """Load an SD1.5 (cldm) ControlNet with ComfyUI's loader and wrap its cross-attention."""
-    control = comfy.controlnet.load_controlnet(path)
+    return wrap_controlnet(comfy.controlnet.load_controlnet(path), path)
+
+
+def wrap_controlnet(control, path: str = "control_net") -> InstantFamilyControlNet:
+    """Turn a ControlNet ComfyUI loaded into one whose cross-attention runs masked attention."""
     if control is None or type(control) is not comfy.controlnet.ControlNet:
         raise ValueError(f"control_net_name: {path} is not a standard (cldm) ControlNet "
                          f"({type(control).__name__}); the pack needs an SD1.5 OpenPose-style ControlNet")
