@@ -1,0 +1,177 @@
+"""One sampling step of the full SD1.5 UNet + ControlNet (random weights) through ComfyUI's sampler.
+
+Side by side in one run (interleaved rounds, best round kept):
+  vanilla      text-only conditioning, plain ControlNet path
+  masked N     InstantFamily: N IDs stacked, every UNet and ControlNet cross-attention masked
+  regional N   what users do today: one ConditioningSetMask per person + ConditioningCombine
+               (no identity adapter at all: the cheapest form of today's per-person chains)
+cfg > 1, so cond and uncond are both evaluated. 256x256 on CPU, 512x512 on CUDA by default.
+
+    python bench/step.py [--device cuda] [--size 512] [--quick]
+
+Needs ComfyUI: $COMFYUI_PATH, two folders above the pack, or /opt/ComfyUI.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_malloc_env, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
+
+PACK = Path(__file__).resolve().parent.parent
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+    "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
+}
+
+
+def find_comfyui() -> Path:
+    for c in (os.environ.get("COMFYUI_PATH"), PACK.parent.parent, "/opt/ComfyUI"):
+        if c and (Path(c) / "comfy" / "model_patcher.py").is_file():
+            return Path(c)
+    sys.exit("ComfyUI not found: set COMFYUI_PATH")
+
+
+def build(device: str):
+    import comfy.controlnet
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy.cldm.cldm import ControlNet as CldmControlNet
+
+    from instantfamily_nodes.demo.tiny import init_weights
+    from instantfamily_nodes.nodes.patching import wrap_controlnet
+
+    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    base = config.get_model({}, device=device)
+    init_weights(base.diffusion_model, 0)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    base = base.to(device=device, dtype=dtype)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device(device))
+    cfg = {k: v for k, v in SD15_UNET.items() if k not in ("out_channels",)}
+    cnet = CldmControlNet(**cfg, hint_channels=3, device="cpu", dtype=torch.float32)
+    init_weights(cnet, 1)
+    control = comfy.controlnet.load_controlnet_state_dict(cnet.state_dict())
+    return model, wrap_controlnet(control, "random SD1.5 ControlNet")
+
+
+def text(n_tokens: int = 77, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, n_tokens, 768, generator=g), {}]]
+
+
+def id_faces_masks(n: int, size: int):
+    m = torch.zeros(n, size, size)
+    cols = max(1, int(n ** 0.5 + 0.999))
+    cell = size // cols
+    for i in range(n):
+        r, c = divmod(i, cols)
+        m[i, r * cell + cell // 4: r * cell + 3 * cell // 4, c * cell + cell // 4: c * cell + 3 * cell // 4] = 1
+    return m
+
+
+def masked(model, control, n: int, size: int, hint):
+    import nodes
+
+    from instantfamily_nodes.attention import IDMasks, TokenLayout
+    from instantfamily_nodes.attention.module import IdentityBinding
+    from instantfamily_nodes.models import IDProjection, stack_context
+    from instantfamily_nodes.nodes.patching import patch_unet
+
+    proj = IDProjection()
+    with torch.no_grad():
+        ids = proj(torch.randn(n, 512), torch.randn(n, 7, 7, 512))
+        null = proj.null_tokens(n)
+    pos_ctx, layout = stack_context(text()[0][0], ids)
+    neg_ctx, _ = stack_context(text(seed=1)[0][0], null)
+    binding = IdentityBinding(layout, IDMasks(id_faces_masks(n, size)))
+    pos = [[pos_ctx, {"cross_attn_controlnet": pos_ctx}]]
+    neg = [[neg_ctx, {"cross_attn_controlnet": neg_ctx}]]
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
+    assert layout == TokenLayout(77, n, 50)
+    return patch_unet(model, binding), pos, neg
+
+
+def regional(model, control, n: int, size: int, hint):
+    import nodes
+
+    setmask, combine = nodes.ConditioningSetMask(), nodes.ConditioningCombine()
+    pos = text()
+    for i, m in enumerate(id_faces_masks(n, size)):
+        person = setmask.append(text(seed=10 + i), m, "default", 1.0)[0]
+        pos = combine.combine(pos, person)[0]
+    neg = text(seed=1)
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
+    return model, pos, neg
+
+
+def run(device: str, size: int, quick: bool) -> None:
+    import nodes
+
+    model, control = build(device)
+    hint = torch.rand(1, size, size, 3)
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+    ns = [1, 4] if quick else [1, 2, 4, 8]
+    setups = {"vanilla": (model, *nodes.ControlNetApplyAdvanced().apply_controlnet(text(), text(seed=1), control, hint, 1.0, 0.0, 1.0))}
+    for n in ns:
+        setups[f"masked N={n}"] = masked(model, control, n, size, hint)
+    for n in ns:
+        setups[f"regional N={n}"] = regional(model, control, n, size, hint)
+
+    def step(m, p, ng):
+        return lambda: nodes.common_ksampler(m, 0, 1, 5.0, "euler", "normal", p, ng, latent, disable_noise=False)[0]
+
+    fns = {name: step(*s) for name, s in setups.items()}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            print(f"warm-up: {name}", flush=True)
+            fn()
+        times = time_interleaved(fns, rounds=2 if quick else 3, min_run_time=0.1)
+        mems = {name: peak_memory(fn, device) / 2**20 for name, fn in fns.items()}
+    header = ["variant", "N", "step s", "vs vanilla", "vs masked N=1", "peak MiB"]
+    rows = []
+    for name in fns:
+        n = int(name.split("=")[1]) if "=" in name else 0
+        ref1 = times.get(f"{name.split(' ')[0]} N=1", times["vanilla"])
+        rows.append([name.split(" ")[0], n, times[name], times[name] / times["vanilla"], times[name] / ref1, mems[name]])
+    info = machine(device)
+    import comfy.ldm.modules.attention as attention
+
+    info["comfy attention"] = attention.optimized_attention.__name__ + " (ComfyUI's choice; used by vanilla and unmasked layers)"
+    info["model"] = f"full SD1.5 UNet (320 ch) + SD1.5 ControlNet, random weights, {size}x{size}, batch 1, cfg 5, euler, 1 step"
+    m4 = times.get("masked N=4", float("nan")) / times["vanilla"]
+    m8 = times.get("masked N=8", float("nan")) / times.get("masked N=1", float("nan"))
+    notes = (f"Targets: masked N=4 <= 1.10x vanilla (measured {m4:.3f}); masked N=8 / N=1 <= 1.15 "
+             f"(measured {m8:.3f}). One step includes ComfyUI's sampler overhead (cond preparation, "
+             "ControlNet hint upscaling), as a user sees it.")
+    path = write_results("step", device, info, header, rows, notes)
+    print(markdown_table(header, rows))
+    print(notes)
+    print(f"\nwritten: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=None, help="image size (default 256 on CPU, 512 on CUDA)")
+    ap.add_argument("--quick", action="store_true", help="N in {1, 4} only")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        ensure_malloc_env()
+    sys.path.insert(0, str(find_comfyui()))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = args.device == "cpu"
+    run(args.device, args.size or (512 if args.device.startswith("cuda") else 256), args.quick)
+
+
+if __name__ == "__main__":
+    main()
