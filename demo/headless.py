@@ -113,8 +113,10 @@ def setup_comfyui(comfyui: str | os.PathLike | None = None, extra_model_paths: I
             load_extra_path_config(key)
             _STATE.yamls.add(key)
     if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
         folder_paths.set_output_directory(str(output_dir))
     if input_dir is not None:
+        Path(input_dir).mkdir(parents=True, exist_ok=True)  # Load Image lists it when validating
         folder_paths.set_input_directory(str(input_dir))
     if not _STATE.pack_loaded:
         root = logging.getLogger()

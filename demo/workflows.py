@@ -67,10 +67,15 @@ def workflow_path(name: str) -> Path:
 
 
 def load_workflow(name_or_path: str | Path) -> dict:
-    """An API-format prompt: a shipped name, or a path to an API-format JSON file."""
+    """An API-format prompt: a shipped name, or a path to a workflow JSON file in API format or in UI
+    format (converted with the live node definitions, so ComfyUI must be set up first)."""
     p = Path(name_or_path)
     path = p if p.suffix == ".json" and p.is_file() else workflow_path(str(name_or_path))
     prompt = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(prompt, dict) and isinstance(prompt.get("nodes"), list) and "links" in prompt:
+        from .ui_format import ui_to_api
+
+        return ui_to_api(prompt)
     if not isinstance(prompt, dict) or not all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
         raise ValueError(f"{path}: not an API-format workflow (expected {{node_id: {{class_type, inputs}}}}); "
                          "in ComfyUI use 'Export (API)' to save one")

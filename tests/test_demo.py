@@ -213,3 +213,50 @@ def test_tiny_build_is_reused_when_present(tiny_models):
     tiny.build_tiny_models(tiny_models.root)
     assert (ckpt.stat().st_mtime_ns, hashlib.sha256(ckpt.read_bytes()).hexdigest()) == before
     assert tiny.is_tiny_checkpoint(ckpt)
+
+
+def test_shipped_ui_workflows_are_the_api_files_and_up_to_date(comfy_headless, tmp_path):
+    """workflows/<name>.json (UI format, for the template browser) converts back to workflows/api/<name>.json,
+    and regenerating them changes nothing; each has a thumbnail."""
+    import json
+
+    from instantfamily_nodes.demo import ui_format, workflows
+
+    written = ui_format.export_all(out_dir=tmp_path)
+    for name in workflows.list_workflows():
+        shipped_ui = workflows.WORKFLOW_DIR / f"{name}.json"
+        assert shipped_ui.is_file() and (workflows.WORKFLOW_DIR / f"{name}.jpg").is_file(), name
+        ui = json.loads(shipped_ui.read_text())
+        assert ui == json.loads((tmp_path / f"{name}.json").read_text()), \
+            f"{name}: run python -m instantfamily_nodes.demo.ui_format to refresh the UI file"
+        assert ui_format.ui_to_api(ui) == workflows.load_workflow(name)
+        assert workflows.load_workflow(shipped_ui) == workflows.load_workflow(name)  # UI files run too
+    assert {p.suffix for p in written} == {".json", ".jpg"}
+
+
+def test_ui_conversion_handles_seeds_uploads_notes_and_reroutes(comfy_headless):
+    from instantfamily_nodes.demo import ui_format
+
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["3", 1], "negative": ["3", 1],
+                                                    "latent_image": ["2", 0], "seed": 7, "steps": 3, "cfg": 2.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    }
+    ui = ui_format.api_to_ui(prompt)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert nodes[1]["widgets_values"] == ["a.png", "image"]
+    assert nodes[4]["widgets_values"][:2] == [7, "fixed"]
+    # a note and a reroute between the latent and the sampler
+    ui["nodes"].append({"id": 9, "type": "Note", "widgets_values": ["hello"], "inputs": [], "outputs": []})
+    lk = next(lk for lk in ui["links"] if lk[1] == 2)
+    ui["nodes"].append({"id": 10, "type": "Reroute", "inputs": [{"name": "", "type": "*", "link": 99}],
+                        "outputs": [{"links": [lk[0]]}]})
+    ui["links"].append([99, 2, 0, 10, 0, "LATENT"])
+    lk[1], lk[2] = 10, 0
+    assert ui_format.ui_to_api(ui) == prompt
+    nodes[4]["mode"] = 4
+    with pytest.raises(ValueError, match="node 4 \\(KSampler\\) is bypassed"):
+        ui_format.ui_to_api(ui)

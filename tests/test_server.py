@@ -73,3 +73,13 @@ def test_invalid_prompt_is_refused_with_the_node_named(server):
     bad["5"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
     with pytest.raises(headless.WorkflowError, match=r"node 1 \(CheckpointLoaderSimple\) input 'ckpt_name'"):
         server.run_prompt(bad, timeout=60)
+
+
+def test_template_browser_lists_the_shipped_workflows(server):
+    from instantfamily_nodes.demo import headless, workflows
+
+    listed = server.get("/workflow_templates")
+    assert sorted(listed.get(headless.PACK_NAME, [])) == workflows.list_workflows()
+    for name in workflows.list_workflows():
+        ui = server.get(f"/api/workflow_templates/{headless.PACK_NAME}/{name}.json")
+        assert ui["nodes"] and ui["links"]
