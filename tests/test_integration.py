@@ -216,3 +216,18 @@ def test_refusals(env):
             f.local = None
         ProjectIDs.execute(dlib_faces, env["weights"])
     assert EmbeddingStack is not None
+
+
+@pytest.mark.parametrize("backend", ["attention_sub_quad", "attention_pytorch", "attention_split", "attention_basic"])
+def test_any_comfyui_attention_backend(env, spy, monkeypatch, backend):
+    """Whatever ComfyUI picked for the unmasked layers, the IDs go through the masked attention and
+    the untouched model gives the same result before and after."""
+    import comfy.ldm.modules.attention as attention
+
+    monkeypatch.setattr(attention, "optimized_attention", getattr(attention, backend))
+    base_pos, base_neg = env["encode"]("a photo"), env["encode"]("")
+    before = sample(env["model"], base_pos, base_neg, steps=1)
+    model, pos, neg = apply(env, control=True)
+    out = sample(model, pos, neg, steps=1)
+    assert torch.isfinite(out).all() and len(spy) == 16 + 7
+    assert torch.equal(sample(env["model"], base_pos, base_neg, steps=1), before)
