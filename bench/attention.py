@@ -20,24 +20,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_malloc_env, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
+from common import ensure_malloc_env, grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
 
 from instantfamily_nodes.attention import IDMasks, TokenLayout, masked_attention, merge_heads, split_heads  # noqa: E402
 
 GRIDS = [((64, 64), 40), ((32, 32), 80), ((16, 16), 160), ((8, 8), 160)]
 N_IDS = [0, 1, 2, 4, 8, 16]
 HEADS, BATCH, IMAGE = 8, 2, 512
-
-
-def face_masks(n: int) -> torch.Tensor:
-    """N face boxes spread over a 512x512 canvas, as a group photo's would be."""
-    m = torch.zeros(n, IMAGE, IMAGE)
-    cols = max(1, int(n ** 0.5 + 0.999))
-    cell = IMAGE // cols
-    for i in range(n):
-        r, c = divmod(i, cols)
-        m[i, r * cell + cell // 4: r * cell + 3 * cell // 4, c * cell + cell // 4: c * cell + 3 * cell // 4] = 1
-    return m
 
 
 def plain(q, k, v):
@@ -58,7 +47,7 @@ def run(device: str, quick: bool) -> None:
             q = torch.randn(BATCH, h * w, HEADS * d, generator=g).to(device, dtype)
             k = torch.randn(BATCH, layout.total, HEADS * d, generator=g).to(device, dtype)
             v = torch.randn(BATCH, layout.total, HEADS * d, generator=g).to(device, dtype)
-            masks = IDMasks(face_masks(n)) if n else None
+            masks = IDMasks(grid_face_masks(n, IMAGE)) if n else None
             fns = {
                 "text": lambda: plain(q, k[:, :77], v[:, :77]),
                 "unmasked": lambda: plain(q, k, v),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_malloc_env, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
+from common import ensure_malloc_env, grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
 
 PACK = Path(__file__).resolve().parent.parent
 SD15_UNET = {
@@ -68,16 +68,6 @@ def text(n_tokens: int = 77, seed: int = 0):
     return [[torch.randn(1, n_tokens, 768, generator=g), {}]]
 
 
-def id_faces_masks(n: int, size: int):
-    m = torch.zeros(n, size, size)
-    cols = max(1, int(n ** 0.5 + 0.999))
-    cell = size // cols
-    for i in range(n):
-        r, c = divmod(i, cols)
-        m[i, r * cell + cell // 4: r * cell + 3 * cell // 4, c * cell + cell // 4: c * cell + 3 * cell // 4] = 1
-    return m
-
-
 def masked(model, control, n: int, size: int, hint):
     import nodes
 
@@ -92,7 +82,7 @@ def masked(model, control, n: int, size: int, hint):
         null = proj.null_tokens(n)
     pos_ctx, layout = stack_context(text()[0][0], ids)
     neg_ctx, _ = stack_context(text(seed=1)[0][0], null)
-    binding = IdentityBinding(layout, IDMasks(id_faces_masks(n, size)))
+    binding = IdentityBinding(layout, IDMasks(grid_face_masks(n, size)))
     pos = [[pos_ctx, {"cross_attn_controlnet": pos_ctx}]]
     neg = [[neg_ctx, {"cross_attn_controlnet": neg_ctx}]]
     pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
@@ -105,7 +95,7 @@ def regional(model, control, n: int, size: int, hint):
 
     setmask, combine = nodes.ConditioningSetMask(), nodes.ConditioningCombine()
     pos = text()
-    for i, m in enumerate(id_faces_masks(n, size)):
+    for i, m in enumerate(grid_face_masks(n, size)):
         person = setmask.append(text(seed=10 + i), m, "default", 1.0)[0]
         pos = combine.combine(pos, person)[0]
     neg = text(seed=1)
