@@ -99,7 +99,7 @@ class ProjectIDs(io.ComfyNode):
             category=CATEGORY,
             description="Turns encoded faces into ID tokens (L*L+1 per face) with the pack's projection.",
             inputs=[FACES.Input("faces", tooltip="From InstantFamily Encode Faces (insightface: needs local features)."),
-                    WEIGHTS.Input("weights")],
+                    WEIGHTS.Input("weights", tooltip="From InstantFamily Weights Loader.")],
             outputs=[IDS.Output(display_name="ids")],
         )
 
@@ -116,7 +116,7 @@ class SaveIDStack(io.ComfyNode):
             display_name="InstantFamily Save ID Stack",
             category=CATEGORY,
             description="Saves projected IDs to models/instantfamily/ids/<name>.safetensors: encode a family once.",
-            inputs=[IDS.Input("ids"), io.String.Input("name", default="family", tooltip="File name without extension.")],
+            inputs=[IDS.Input("ids", tooltip="From Project IDs."), io.String.Input("name", default="family", tooltip="File name without extension.")],
             outputs=[],
             is_output_node=True,
         )
@@ -183,8 +183,8 @@ class EmbeddingStack(io.ComfyNode):
             description="Stacks [text ; ID 1 ; ... ; ID N] (eq. 4-5). The negative gets null IDs with the "
             "same layout, so cond and uncond run in one batched pass.",
             inputs=[
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("positive", tooltip="The prompt (CLIP Text Encode); IDs are stacked after its tokens."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt; gets null IDs with the same layout."),
                 IDS.Input("ids", tooltip="From Project IDs or Load ID Stack; ID n is masked by mask n."),
                 WEIGHTS.Input("weights", tooltip="The same weights that projected the IDs (for the null ID)."),
             ],
@@ -231,7 +231,7 @@ class Apply(io.ComfyNode):
             description="Patches every cross-attention of the SD1.5 UNet (and of the pack's ControlNet) so "
             "the tokens of ID n act only inside mask n.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="An SD1.5 model; it is cloned, never modified."),
                 io.Conditioning.Input("positive", tooltip="From InstantFamily Embedding Stack."),
                 io.Conditioning.Input("negative", tooltip="From InstantFamily Embedding Stack."),
                 io.Mask.Input("masks", tooltip="One mask per ID, in ID order (e.g. from the ID masks node)."),
@@ -249,7 +249,8 @@ class Apply(io.ComfyNode):
                 io.ControlNet.Input("control_net", optional=True,
                                     tooltip="A ControlNet from InstantFamily ControlNet Loader."),
                 io.Image.Input("image", optional=True, tooltip="The control image (pose with ID circles)."),
-                io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01, optional=True),
+                io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
+                               tooltip="ControlNet strength (as in Apply ControlNet)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
                      io.Conditioning.Output(display_name="negative")],
