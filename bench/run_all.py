@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -232,7 +233,7 @@ def render(results: dict, runs: list[dict], me: dict, run_kind: str | None) -> s
             if isinstance(data, dict) and data.get("notes"):
                 lines += ["", str(data["notes"])]
             lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 
 def print_tables(results: dict) -> None:
