@@ -75,7 +75,9 @@ def find_real_models(prompt: dict) -> tuple[workflows.ModelChoice, list[str]]:
         if not found["controlnet"]:
             missing.append("an SD1.5 OpenPose ControlNet in models/controlnet (a name with 'openpose' in it)")
     if "weights" in wanted:
-        own = [n for n in names("instantfamily") if n.endswith(".safetensors") and not n.startswith("cache")]
+        # ID stacks (ids*) and the face-graph cache share the folder; they are not weights
+        own = [n for n in names("instantfamily") if n.endswith(".safetensors")
+               and not os.path.basename(n).startswith(("ids", "cache")) and not n.startswith("cache")]
         found["weights"] = _pick(own, wanted["weights"], None, exclude)
         if not found["weights"]:
             missing.append("InstantFamily weights (*.safetensors) in models/instantfamily")
@@ -188,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="instantfamily_demo_"))
     (work / "output").mkdir()
     (work / "input").mkdir()
+    previous_dirs = None
     try:
         print("Loading ComfyUI and the pack ...", flush=True)
+        headless.setup_comfyui(comfy_path, cpu=True if a.cpu else None, quiet=not a.verbose)
+        import folder_paths
+
+        previous_dirs = (folder_paths.get_output_directory(), folder_paths.get_input_directory())
         headless.setup_comfyui(comfy_path, cpu=True if a.cpu else None, output_dir=work / "output",
                                input_dir=work / "input", quiet=not a.verbose)
         choice, missing = (workflows.ModelChoice(), ["--tiny given"]) if a.tiny else find_real_models(prompt)
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("Using your models: " + ", ".join(f"{k}={v}" for k, v in vars(choice).items() if v))
             prompt = workflows.bind(prompt, choice, steps=a.steps)
-        still = _prepare_inputs(prompt, work / "input", a.photos, [comfy_path / "input"], synthetic_ok=use_tiny)
+        still = _prepare_inputs(prompt, work / "input", a.photos, [Path(previous_dirs[1])], synthetic_ok=use_tiny)
         if still:
             print("Photos needed: " + "; ".join(still) + ". Pass them with --photos (one per person, in "
                   "order) or put files with these names in ComfyUI's input folder.", file=sys.stderr)
@@ -248,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Workflow {label!r} failed:\n{e}", file=sys.stderr)
         return 1
     finally:
+        if previous_dirs is not None:  # leave ComfyUI's folders as found (the demo can run inside a process)
+            import folder_paths
+
+            folder_paths.set_output_directory(previous_dirs[0])
+            folder_paths.set_input_directory(previous_dirs[1])
         shutil.rmtree(work, ignore_errors=True)
 
 
