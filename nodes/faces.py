@@ -125,7 +125,7 @@ class EncodeFaces(io.ComfyNode):
             description="Detects, aligns and encodes faces; ID n is the n-th face (see the preview). "
             "One photo per person, one group photo, or both.",
             inputs=[
-                FACE_ENCODER.Input("face_encoder"),
+                FACE_ENCODER.Input("face_encoder", tooltip="From InstantFamily Face Encoder Loader."),
                 io.Image.Input("images", tooltip="Photos; a batch counts as several images."),
                 io.String.Input("faces_per_image", default="auto",
                                 tooltip="auto: one image -> all faces, several -> the largest face of each. "
@@ -136,8 +136,8 @@ class EncodeFaces(io.ComfyNode):
                 io.String.Input("index_list", default="",
                                 tooltip="For order=index_list: e.g. '2, 0' makes face 2 ID 0 and face 0 ID 1."),
                 io.Image.Input("images_2", optional=True, tooltip="More photos of another size (numbered after 'images')."),
-                io.Image.Input("images_3", optional=True),
-                io.Image.Input("images_4", optional=True),
+                io.Image.Input("images_3", optional=True, tooltip="More photos (numbered after 'images_2')."),
+                io.Image.Input("images_4", optional=True, tooltip="More photos (numbered after 'images_3')."),
             ],
             outputs=[FACES.Output(display_name="faces"), io.Image.Output(display_name="preview")],
         )
