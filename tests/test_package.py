@@ -65,3 +65,13 @@ print(json.dumps({{"ok": ok, "added": added, "expected": expected, "web": list(n
     assert result["ok"] is True, out.stderr[-3000:]
     assert result["added"] == result["expected"]
     assert "instantfamily_nodes" in result["web"]
+
+
+def test_requirements_txt_matches_pyproject():
+    import tomllib
+
+    deps = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [ln.strip() for ln in (PACK_ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert sorted(reqs) == sorted(deps)
+    assert not any(r.split("=")[0].split(">")[0].strip() in {"torch", "torchvision"} for r in reqs)
