@@ -33,15 +33,19 @@ def ensure_malloc_env() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def machine(device: str) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, str]:
+    cpu = cpu_name()
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device,

@@ -174,14 +174,10 @@ def area_key(a: str) -> tuple:
 def this_machine() -> dict[str, str]:
     import importlib.metadata as md
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import cpu_name
+
+    cpu = cpu_name()
     info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "host": platform.node(),
             "cpu": f"{cpu} ({os.cpu_count()} logical cores)", "os": platform.platform(), "python": platform.python_version()}
     for dist in ("torch", "numpy", "onnxruntime", "onnxruntime-gpu", "dlib-bin", "insightface"):
