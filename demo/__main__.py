@@ -93,10 +93,15 @@ def find_real_models(prompt: dict) -> tuple[workflows.ModelChoice, list[str]]:
     return workflows.ModelChoice(**{k: v for k, v in found.items() if v}), missing
 
 
-def _prepare_inputs(prompt: dict, input_dir: Path, photos: list[str], search: list[Path], synthetic_ok: bool) -> list[str]:
+def _prepare_inputs(prompt: dict, input_dir: Path, photos: list[str], search: list[Path], synthetic_ok: bool,
+                    masks: list[str] = ()) -> list[str]:
     """Fill the run's input folder for the workflow's LoadImage nodes, in node order: ``--photos`` first,
     then same-name files from ComfyUI's own input folder, then (tiny runs only) synthetic face images:
-    bright squares the synthetic detector reports as faces. Returns what is still missing."""
+    bright squares the synthetic detector reports as faces. Returns what is still missing.
+
+    Mask files (LoadImageMask nodes, one per person) likewise: ``--masks``, then same-name files, then, in
+    any run, example masks (:func:`workflows.example_masks`: white head-and-shoulders shapes on black at the
+    picture's size, over the people of the workflow's pose template); a mask is a layout, not a person."""
     import numpy as np
     from PIL import Image
 
@@ -120,6 +125,25 @@ def _prepare_inputs(prompt: dict, input_dir: Path, photos: list[str], search: li
             Image.fromarray(np.asarray(img)).save(dst)
         else:
             missing.append(f"{node.get('_meta', {}).get('title', 'LoadImage')} ({name})")
+    mask_loads = [n for n in prompt.values() if n["class_type"] in workflows.MASK_LOADERS]
+    examples = None
+    for i, node in enumerate(mask_loads):
+        name = node["inputs"].get("image")
+        if not isinstance(name, str):
+            continue
+        dst = input_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        found = [Path(masks[i])] if i < len(masks) else [d / name for d in search if (d / name).is_file()]
+        if found:
+            if not found[0].is_file():
+                raise FileNotFoundError(f"--masks: {found[0]} does not exist")
+            shutil.copyfile(found[0], dst)
+            continue
+        if examples is None:
+            examples = workflows.example_masks(prompt)
+            print(f"No mask files given: using example masks (head and shoulders of each person in the pose "
+                  f"template, {examples.shape[2]}x{examples.shape[1]}); pass your own with --masks.")
+        Image.fromarray((examples[i] * 255).round().astype(np.uint8)).save(dst)
     return missing
 
 
@@ -160,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="force CPU")
     ap.add_argument("--photos", nargs="+", default=[], metavar="IMAGE",
                     help="photos for the workflow's Load Image nodes, in order (person 1 = ID 0, ...)")
+    ap.add_argument("--masks", nargs="+", default=[], metavar="IMAGE",
+                    help="mask files for the workflow's Load Image (as Mask) nodes, in order (white = that person's "
+                         "region; default: files of the same name in ComfyUI's input folder, else example masks)")
     ap.add_argument("--verbose", action="store_true", help="show ComfyUI's start-up warnings")
     ap.add_argument("--list", action="store_true", help="list the shipped workflows and exit")
     a = ap.parse_args(argv)
@@ -218,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("Using your models: " + ", ".join(f"{k}={v}" for k, v in vars(choice).items() if v))
             prompt = workflows.bind(prompt, choice, steps=a.steps)
-        still = _prepare_inputs(prompt, work / "input", a.photos, [Path(previous_dirs[1])], synthetic_ok=use_tiny)
+        still = _prepare_inputs(prompt, work / "input", a.photos, [Path(previous_dirs[1])], synthetic_ok=use_tiny,
+                                masks=a.masks)
         if still:
             print("Photos needed: " + "; ".join(still) + ". Pass them with --photos (one per person, in "
                   "order) or put files with these names in ComfyUI's input folder.", file=sys.stderr)

@@ -165,7 +165,8 @@ def ui_to_api(workflow: dict) -> dict:
 
 
 def thumbnail_for(prompt: dict) -> Path | None:
-    """The first pose template a workflow uses: its shipped preview makes the thumbnail."""
+    """The first pose template a workflow uses: its shipped preview makes the thumbnail (a workflow that
+    loads user masks gets its example masks tinted over it, see :func:`thumbnail_image`)."""
     from ..pose import templates
 
     for n in prompt.values():
@@ -174,10 +175,27 @@ def thumbnail_for(prompt: dict) -> Path | None:
     return None
 
 
-def export_all(api_dir: Path | None = None, out_dir: Path | None = None) -> list[Path]:
-    """workflows/api/<name>.json -> workflows/<name>.json (UI) + <name>.jpg thumbnail; returns the files."""
+def thumbnail_image(prompt: dict):
+    """The thumbnail as a PIL image: the pose template preview with the ID circles, plus, for a workflow
+    that loads masks drawn by the user, its example masks in the ID colours; None without a template."""
+    import numpy as np
     from PIL import Image
 
+    from ..pose.masks import mask_overlay
+    from .workflows import example_masks
+
+    thumb = thumbnail_for(prompt)
+    if thumb is None:
+        return None
+    img = Image.open(thumb).convert("RGB")
+    masks = example_masks(prompt, (img.height, img.width))
+    if masks is not None:
+        img = Image.fromarray(mask_overlay(masks, np.asarray(img), alpha=0.45))
+    return img
+
+
+def export_all(api_dir: Path | None = None, out_dir: Path | None = None) -> list[Path]:
+    """workflows/api/<name>.json -> workflows/<name>.json (UI) + <name>.jpg thumbnail; returns the files."""
     from .workflows import API_DIR, WORKFLOW_DIR
 
     api_dir, out_dir = api_dir or API_DIR, out_dir or WORKFLOW_DIR
@@ -187,10 +205,9 @@ def export_all(api_dir: Path | None = None, out_dir: Path | None = None) -> list
         ui = out_dir / api.name
         ui.write_text(json.dumps(api_to_ui(prompt), indent=1) + "\n", encoding="utf-8")
         written.append(ui)
-        thumb = thumbnail_for(prompt)
-        if thumb is not None:
+        img = thumbnail_image(prompt)
+        if img is not None:
             jpg = ui.with_suffix(".jpg")
-            img = Image.open(thumb).convert("RGB")
             img.thumbnail((384, 384))
             img.save(jpg, quality=85)
             written.append(jpg)

@@ -40,6 +40,7 @@ SIZE_INPUTS: dict[str, tuple[str, str]] = {
     "InstantFamilyKps5Control": ("width", "height"),
 }
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
+MASK_LOADERS = ("LoadImageMask",)  # user-drawn masks, one file per person (ID order = node order)
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,56 @@ def save_image_nodes(prompt: dict) -> dict[str, str]:
     """SaveImage node id -> its filename_prefix (the demo tells image from pose/mask preview by it)."""
     return {nid: str(n["inputs"].get("filename_prefix", "")) for nid, n in prompt.items()
             if n["class_type"] == "SaveImage"}
+
+
+def picture_size(prompt: dict) -> tuple[int, int] | None:
+    """(height, width) of the picture a workflow makes: its first size-fixing node with both set."""
+    for ctype in SIZE_INPUTS:  # EmptyLatentImage first
+        for node in prompt.values():
+            if node["class_type"] == ctype:
+                wk, hk = SIZE_INPUTS[ctype]
+                w, h = node["inputs"].get(wk), node["inputs"].get(hk)
+                if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
+                    return h, w
+    return None
+
+
+def example_masks(prompt: dict, canvas_hw: tuple[int, int] | None = None):
+    """Masks as a user might draw them for a workflow's mask-loading nodes (``MASK_LOADERS``), in node order:
+    float32 (N, H, W), or None when the workflow loads no masks. Mask n covers the head and shoulders of the
+    n-th person from the left in the workflow's pose template (an ellipse around the head grown to take the
+    hair, one over the shoulders); without a template, or with fewer people than masks, the canvas is cut
+    into N vertical strips with one head-and-shoulders blob each. Used by the demo and the tests to fill
+    the input folder, and for the workflow's thumbnail."""
+    import numpy as np
+
+    from ..pose import assign, faceboxes, templates
+    from ..pose import masks as mask_core
+
+    n = sum(node["class_type"] in MASK_LOADERS for node in prompt.values())
+    if n == 0:
+        return None
+    hw = canvas_hw or picture_size(prompt) or (512, 512)
+    h, w = int(hw[0]), int(hw[1])
+    boxes = None
+    tpl = next((node["inputs"].get("template") for node in prompt.values()
+                if node["class_type"] == "InstantFamilyPoseTemplate"), None)
+    if isinstance(tpl, str) and tpl in templates.list_templates():
+        frame = templates.load_template(tpl)
+        found = faceboxes.face_boxes_from_pose(frame.people, (h, w))
+        if sum(b is not None for b in found) >= n:
+            ids = assign.assign_ids(found, n)
+            boxes = [found[i] for i in assign.people_for_ids(ids, n)]
+    if boxes is None:  # strips: a face box in the upper part of each
+        fw = min(w / n * 0.4, h * 0.25)
+        boxes = [np.array([(k + 0.5) * w / n - fw / 2, 0.15 * h, (k + 0.5) * w / n + fw / 2, 0.15 * h + 1.25 * fw])
+                 for k in range(n)]
+    out = np.zeros((n, h, w), np.float32)
+    for k, box in enumerate(boxes):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        bw, bh = x1 - x0, y1 - y0
+        head = mask_core.box_mask(mask_core.expand_box(box, 0.8), (h, w), "ellipse")
+        cx, top = (x0 + x1) / 2, y1 + 0.2 * bh
+        shoulders = mask_core.box_mask((cx - 1.5 * bw, top, cx + 1.5 * bw, top + 1.6 * bh), (h, w), "ellipse")
+        out[k] = np.maximum(head, shoulders)
+    return out

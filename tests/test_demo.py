@@ -205,6 +205,32 @@ def test_demo_command_real_mode_asks_for_photos(comfy_headless, tiny_models, tmp
         demo._prepare_inputs(prompt, tmp_path, [str(tmp_path / "nope.png")], [], synthetic_ok=False)
 
 
+def test_mask_files_for_the_custom_masks_workflow(tmp_path, capsys):
+    """LoadImageMask files: example masks (one per person, picture size, over the template's people, left to
+    right) unless given; photos stay photos."""
+    import numpy as np
+    from PIL import Image
+
+    from instantfamily_nodes.demo import __main__ as demo
+
+    prompt = demo.workflows.bind(demo.workflows.load_workflow("custom_masks"), demo.workflows.ModelChoice(),
+                                 max_side=256)
+    assert demo._prepare_inputs(prompt, tmp_path, [], [], synthetic_ok=True) == []
+    assert "example masks" in capsys.readouterr().out
+    masks = [np.asarray(Image.open(tmp_path / f"mask_person_{k}.png")) for k in (1, 2)]
+    assert all(m.shape == (168, 256) and m.max() == 255 for m in masks)
+    centre_x = [np.nonzero(m)[1].mean() for m in masks]
+    assert centre_x[0] < 128 < centre_x[1]  # ID 0 = left person
+    assert not ((masks[0] > 0) & (masks[1] > 0)).any()
+    mine = tmp_path / "mine.png"
+    Image.fromarray(np.full((168, 256), 255, np.uint8)).save(mine)
+    out = tmp_path / "given"
+    assert demo._prepare_inputs(prompt, out, [], [], synthetic_ok=True, masks=[str(mine)]) == []
+    assert (out / "mask_person_1.png").read_bytes() == mine.read_bytes()
+    with pytest.raises(FileNotFoundError, match="--masks: .*nope.png does not exist"):
+        demo._prepare_inputs(prompt, out, [], [], synthetic_ok=True, masks=[str(tmp_path / "nope.png")])
+
+
 def test_tiny_build_is_reused_when_present(tiny_models):
     from instantfamily_nodes.demo import tiny
 
