@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..models.faces.encode import encode_faces
+from ..models.faces.types import merge_faces
 from ..models.faces.image import as_image_list
 from ..models.faces.insightface_backend import (DEFAULT_DET_SIZES, DEFAULT_MODEL, KNOWN_MODELS,
                                                 InsightFaceEncoder, find_model_dir, list_model_names)
@@ -160,4 +161,27 @@ class EncodeFaces(io.ComfyNode):
         return io.NodeOutput(faces, preview)
 
 
-NODES = [FaceEncoderLoader, EncodeFaces]
+class MergeFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantFamilyMergeFaces",
+            display_name="InstantFamily Merge Faces",
+            category=CATEGORY,
+            description="Joins FACES from several Encode Faces nodes, in order: faces_1's IDs first. "
+            "For more people than one Encode Faces node takes photos, without resizing any photo.",
+            inputs=[
+                FACES.Input("faces_1", tooltip="These become the first IDs."),
+                FACES.Input("faces_2", tooltip="These follow faces_1's IDs."),
+                FACES.Input("faces_3", optional=True, tooltip="These follow faces_2's IDs."),
+                FACES.Input("faces_4", optional=True, tooltip="These follow faces_3's IDs."),
+            ],
+            outputs=[FACES.Output(display_name="faces")],
+        )
+
+    @classmethod
+    def execute(cls, faces_1, faces_2, faces_3=None, faces_4=None) -> io.NodeOutput:
+        return io.NodeOutput(merge_faces([f for f in (faces_1, faces_2, faces_3, faces_4) if f is not None]))
+
+
+NODES = [FaceEncoderLoader, EncodeFaces, MergeFaces]

@@ -251,3 +251,21 @@ def test_preview_boxes_each_face_in_its_id_colour(group, group_faces):
         x0, y0, x1, y1 = (int(round(v)) for v in f.box)
         untouched[max(y0 - 60, 0) : y1 + 10, max(x0 - 10, 0) : x1 + 10] = False
     np.testing.assert_array_equal(preview[untouched], group[untouched])
+
+
+def test_merge_faces_keeps_order_and_renumbers_images():
+    from instantfamily_nodes.models.faces import Face, Faces, merge_faces
+
+    def face(x, image):
+        return Face(box=np.array([x, 0, x + 10, 10], np.float32), kps=np.zeros((5, 2), np.float32),
+                    embedding=np.ones(4, np.float32) / 2, local=None, crop=np.zeros((112, 112, 3), np.uint8),
+                    score=1.0, image_index=image, image_size=(20, 20))
+
+    a = Faces([face(0, 0), face(20, 1)], encoder="dlib")
+    b = Faces([face(5, 0), face(7, 0), face(9, 2)], encoder="dlib")
+    m = merge_faces([a, b])
+    assert [f.box[0] for f in m] == [0, 20, 5, 7, 9]
+    assert [f.image_index for f in m] == [0, 1, 2, 2, 4]   # b's images follow a's two images
+    assert m.encoder == "dlib" and [f.image_index for f in b] == [0, 0, 2]   # inputs untouched
+    with pytest.raises(ValueError, match="different encoders"):
+        merge_faces([a, Faces([face(0, 0)], encoder="insightface/antelopev2")])

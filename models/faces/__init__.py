@@ -6,10 +6,10 @@ Backends are imported lazily: onnx/insightface/dlib are only needed by the backe
 """
 from .errors import (FaceEncodingError, ModelFileError, ModelFolderError, NoFaceError,
                      NoLocalFeaturesError)
-from .types import Face, Faces
+from .types import Face, Faces, merge_faces
 
 __all__ = [
-    "Face", "Faces", "FaceEncodingError", "ModelFileError", "ModelFolderError", "NoFaceError",
+    "Face", "Faces", "merge_faces", "FaceEncodingError", "ModelFileError", "ModelFolderError", "NoFaceError",
     "NoLocalFeaturesError", "encode_faces", "require_local", "cosine_similarity",
     "InsightFaceEncoder", "DlibEncoder", "draw_faces",
 ]

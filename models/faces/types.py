@@ -1,7 +1,7 @@
 """The FACES value: what face encoding hands to pose, masks, the embedding stack and evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -53,3 +53,21 @@ class Faces:
     @property
     def has_local(self) -> bool:
         return bool(self.faces) and all(f.local is not None for f in self.faces)
+
+
+def merge_faces(groups: list[Faces]) -> Faces:
+    """Concatenate identities in order: the IDs of ``groups[0]`` first, then ``groups[1]``'s, ...
+
+    Source image indices are renumbered so they stay distinct (group k's images come after group
+    k-1's). All groups must come from the same encoder: their embeddings are not comparable otherwise.
+    """
+    encoders = {g.encoder for g in groups if len(g)}
+    if len(encoders) > 1:
+        raise ValueError(f"faces come from different encoders {sorted(encoders)}; encode all photos with one encoder")
+    merged: list[Face] = []
+    offset = 0
+    for g in groups:
+        for f in g:
+            merged.append(replace(f, image_index=f.image_index + offset))
+        offset += max((f.image_index for f in g), default=-1) + 1
+    return Faces(merged, encoder=encoders.pop() if encoders else "")
