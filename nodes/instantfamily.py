@@ -22,6 +22,7 @@ CATEGORY = "InstantFamily"
 WEIGHTS = io.Custom("INSTANTFAMILY_WEIGHTS")
 IDS = io.Custom("INSTANTFAMILY_IDS")
 LAYOUT_KEY = "instantfamily_layout"
+IDS_FOLDER = "ids"   # models/instantfamily/ids: saved ID stacks
 
 
 def register_folders() -> None:
@@ -36,11 +37,19 @@ def register_folders() -> None:
     folder_paths.folder_names_and_paths["instantfamily"] = (paths, set(old_exts) | exts)
 
 
-def _weight_files() -> list[str]:
+def _safetensors_files() -> list[str]:
     import folder_paths
 
     register_folders()
     return [f for f in folder_paths.get_filename_list("instantfamily") if f.endswith(".safetensors")]
+
+
+def _weight_files() -> list[str]:
+    return [f for f in _safetensors_files() if not f.startswith(IDS_FOLDER + "/")]
+
+
+def _stack_files() -> list[str]:
+    return [f for f in _safetensors_files() if f.startswith(IDS_FOLDER + "/")]
 
 
 class WeightsLoader(io.ComfyNode):
@@ -127,7 +136,7 @@ class SaveIDStack(io.ComfyNode):
 
         if not name or any(c in name for c in "/\\:") or name.startswith("."):
             raise ValueError(f"name: {name!r} must be a plain file name")
-        folder = os.path.join(folder_paths.models_dir, "instantfamily", "ids")
+        folder = os.path.join(folder_paths.models_dir, "instantfamily", IDS_FOLDER)
         os.makedirs(folder, exist_ok=True)
         save_id_stack(os.path.join(folder, f"{name}.safetensors"), ids)
         return io.NodeOutput()
@@ -141,7 +150,7 @@ class LoadIDStack(io.ComfyNode):
             display_name="InstantFamily Load ID Stack",
             category=CATEGORY,
             description="Loads IDs saved by Save ID Stack.",
-            inputs=[io.Combo.Input("stack_name", options=[f for f in _weight_files() if f.startswith("ids")],
+            inputs=[io.Combo.Input("stack_name", options=_stack_files(),
                                    tooltip="A saved stack in models/instantfamily/ids.")],
             outputs=[IDS.Output(display_name="ids")],
         )

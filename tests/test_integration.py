@@ -231,3 +231,23 @@ def test_any_comfyui_attention_backend(env, spy, monkeypatch, backend):
     out = sample(model, pos, neg, steps=1)
     assert torch.isfinite(out).all() and len(spy) == 16 + 7
     assert torch.equal(sample(env["model"], base_pos, base_neg, steps=1), before)
+
+
+def test_id_stack_save_and_load_round_trip(env, tmp_path, monkeypatch):
+    import folder_paths
+
+    from instantfamily_nodes.nodes.instantfamily import LoadIDStack, ProjectIDs, SaveIDStack, _stack_files, _weight_files
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "instantfamily", ([], set()))
+    ids = ProjectIDs.execute(fake_faces(env["weights"], n=3), env["weights"]).result[0]
+    SaveIDStack.execute(ids, "family")
+    assert (tmp_path / "instantfamily" / "ids" / "family.safetensors").is_file()
+    assert _stack_files() == ["ids/family.safetensors"] and _weight_files() == []
+    loaded = LoadIDStack.execute("ids/family.safetensors").result[0]
+    assert torch.equal(loaded.tokens, ids.tokens) and loaded.face_encoder == ids.face_encoder == "insightface/antelopev2"
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        SaveIDStack.execute(ids, "../elsewhere")
+    (tmp_path / "instantfamily" / "ids" / "bogus.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        LoadIDStack.execute("ids/bogus.safetensors")
