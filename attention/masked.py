@@ -118,18 +118,23 @@ def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> t
     softmax over the union is sum_p exp(l_p) o_p / sum_p exp(l_p); merging one ID at a time keeps
     a running log-sum-exp, so overlapping masks just merge twice.
     """
+    # Work pixel-major, (B, Q, heads, d): the kernel's outputs are laid out that way in memory, so
+    # gathering and updating a region's pixels touches whole contiguous rows.
     text = layout.text_slice
     out, lse = _flash_cpu(q, k[:, :, text], v[:, :, text])
-    out, lse = out.float(), lse.float()
+    out = out.transpose(1, 2).float()                      # (B, Q, H, d)
+    lse = lse.transpose(1, 2).float().contiguous()         # (B, Q, H)
+    q_rows = q.transpose(1, 2)                             # (B, Q, H, d)
     for n, idx, log_w in masks.regions(*grid, q.device):
         ids = layout.id_slice(n)
-        o_n, l_n = _flash_cpu(q[:, :, idx], k[:, :, ids], v[:, :, ids])
-        l_n = l_n.float() + log_w
-        l_old = lse[:, :, idx]
+        o_n, l_n = _flash_cpu(q_rows[:, idx].transpose(1, 2), k[:, :, ids], v[:, :, ids])
+        l_n = l_n.transpose(1, 2).float() + log_w[:, None]   # (B, P, H)
+        l_old = lse[:, idx]
         l_new = torch.logaddexp(l_old, l_n)
         a, b = (l_old - l_new).exp().unsqueeze(-1), (l_n - l_new).exp().unsqueeze(-1)
-        out[:, :, idx] = out[:, :, idx] * a + o_n.float() * b
-        lse[:, :, idx] = l_new
+        out[:, idx] = out[:, idx] * a + o_n.transpose(1, 2).float() * b
+        lse[:, idx] = l_new
+    out = out.transpose(1, 2)
     return out.to(q.dtype)
 
 
