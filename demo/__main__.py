@@ -93,6 +93,26 @@ def find_real_models(prompt: dict) -> tuple[workflows.ModelChoice, list[str]]:
     return workflows.ModelChoice(**{k: v for k, v in found.items() if v}), missing
 
 
+def _copy_given(node: dict, i: int, given: list[str], flag: str, search: list[Path],
+                input_dir: Path) -> Path | None:
+    """Copy the i-th file of ``flag`` (else a same-name file from ``search``) to the node's input name.
+
+    Returns the destination when nothing was found there and the caller must supply the file; None
+    when a file was copied, or the node's input is not a file name."""
+    name = node["inputs"].get("image")
+    if not isinstance(name, str):
+        return None
+    dst = input_dir / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    found = [Path(given[i])] if i < len(given) else [d / name for d in search if (d / name).is_file()]
+    if not found:
+        return dst
+    if not found[0].is_file():
+        raise FileNotFoundError(f"{flag}: {found[0]} does not exist")
+    shutil.copyfile(found[0], dst)
+    return None
+
+
 def _prepare_inputs(prompt: dict, input_dir: Path, photos: list[str], search: list[Path], synthetic_ok: bool,
                     masks: list[str] = ()) -> list[str]:
     """Fill the run's input folder for the workflow's LoadImage nodes, in node order: ``--photos`` first,
@@ -110,34 +130,19 @@ def _prepare_inputs(prompt: dict, input_dir: Path, photos: list[str], search: li
     missing = []
     loads = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
     for i, node in enumerate(loads):
-        name = node["inputs"].get("image")
-        if not isinstance(name, str):
+        dst = _copy_given(node, i, photos, "--photos", search, input_dir)
+        if dst is None:
             continue
-        dst = input_dir / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        found = [Path(photos[i])] if i < len(photos) else [d / name for d in search if (d / name).is_file()]
-        if found:
-            if not found[0].is_file():
-                raise FileNotFoundError(f"--photos: {found[0]} does not exist")
-            shutil.copyfile(found[0], dst)
-        elif synthetic_ok:
+        if synthetic_ok:
             img = synthetic.square_faces_image([(160, 200)], size=96, hw=(400, 320))
             Image.fromarray(np.asarray(img)).save(dst)
         else:
-            missing.append(f"{node.get('_meta', {}).get('title', 'LoadImage')} ({name})")
+            missing.append(f"{node.get('_meta', {}).get('title', 'LoadImage')} ({node['inputs']['image']})")
     mask_loads = [n for n in prompt.values() if n["class_type"] in workflows.MASK_LOADERS]
     examples = None
     for i, node in enumerate(mask_loads):
-        name = node["inputs"].get("image")
-        if not isinstance(name, str):
-            continue
-        dst = input_dir / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        found = [Path(masks[i])] if i < len(masks) else [d / name for d in search if (d / name).is_file()]
-        if found:
-            if not found[0].is_file():
-                raise FileNotFoundError(f"--masks: {found[0]} does not exist")
-            shutil.copyfile(found[0], dst)
+        dst = _copy_given(node, i, masks, "--masks", search, input_dir)
+        if dst is None:
             continue
         if examples is None:
             examples = workflows.example_masks(prompt)
