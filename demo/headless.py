@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import hashlib
 import os
 import socket
 import subprocess
@@ -58,7 +59,9 @@ def pack_custom_nodes_dir() -> Path:
     folder when the pack already sits in ``.../instantfamily_nodes``, else a temp folder with a symlink."""
     if PACK_ROOT.name == PACK_NAME:
         return PACK_ROOT.parent
-    d = Path(tempfile.gettempdir()) / f"instantfamily_custom_nodes_{os.getuid() if hasattr(os, 'getuid') else 0}"
+    # One folder per checkout (keyed by its path), so two checkouts on a machine never share a link.
+    key = hashlib.sha1(str(PACK_ROOT).encode()).hexdigest()[:12]
+    d = Path(tempfile.gettempdir()) / f"instantfamily_custom_nodes_{key}"
     d.mkdir(exist_ok=True)
     link = d / PACK_NAME
     if not link.exists():

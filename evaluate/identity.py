@@ -100,8 +100,8 @@ class FacenetEncoder:
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", min_prob: float = 0.0) -> None:
         import torch
 
-        MTCNN, InceptionResnetV1, self._extract, self._standardize = _facenet_pytorch()
         path = find_facenet_weights(weights)
+        MTCNN, InceptionResnetV1, self._extract, self._standardize = _facenet_pytorch()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
