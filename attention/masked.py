@@ -12,9 +12,13 @@ Text tokens are visible to every pixel; the tokens of ID n only to pixels inside
   attended only from the pixels inside its mask, merged through their log-sum-exps. Its cost is that
   of text-only attention plus the face area, whatever N is.
 - ``paper``: eq. 6 taken literally, softmax(M * QK^T / sqrt(d)) V: a masked logit becomes 0, not
-  -inf, so masked tokens still receive weight exp(0) relative to the visible ones.
+  -inf, so masked tokens still receive weight exp(0) relative to the visible ones. Dense: logits
+  materialised in float32, chunked over pixels. Regional (CPU): inside mask n the ID's logits are
+  those of the query scaled by m; outside they are all 0, a constant part (the mean of the ID's values).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -93,9 +97,11 @@ def masked_attention(
     masks.check_layout(layout)
     if masks.trivial:
         return merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
+    regional = _use_regional(kernel, q, masks)
     if mode == "paper":
-        return merge_heads(_paper_attention(qh, kh, vh, layout, masks, grid))
-    if _use_regional(kernel, q, masks):
+        paper = _paper_regional_attention if regional else _paper_attention
+        return merge_heads(paper(qh, kh, vh, layout, masks, grid))
+    if regional:
         return merge_heads(_regional_attention(qh, kh, vh, layout, masks, grid))
     bias = masks.hard_bias(layout, *grid, q.dtype, q.device)
     return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias))
@@ -111,6 +117,48 @@ def _use_regional(kernel: str, q: torch.Tensor, masks: IDMasks) -> bool:
     return usable if kernel == "auto" else kernel == "regional"
 
 
+class _Merger:
+    """Running softmax over several key sets, pixel-major: out (B, Q, H, d) and lse (B, Q, H) in float32.
+
+    Adding a part (o_p, l_p) for some pixels keeps out = sum_p exp(l_p) o_p / sum_p exp(l_p) exact."""
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor):
+        self.out = out.transpose(1, 2).float()                 # the kernel's memory is already pixel-major
+        self.lse = lse.transpose(1, 2).float().contiguous()
+
+    def add(self, idx: torch.Tensor, o_p: torch.Tensor, l_p: torch.Tensor) -> None:
+        """o_p (B, P, H, d) and l_p (B, P, H) for the pixels ``idx``."""
+        l_old = self.lse[:, idx]
+        l_new = torch.logaddexp(l_old, l_p)
+        a, b = (l_old - l_new).exp().unsqueeze(-1), (l_p - l_new).exp().unsqueeze(-1)
+        self.out[:, idx] = self.out[:, idx] * a + o_p * b
+        self.lse[:, idx] = l_new
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.out.transpose(1, 2).to(dtype)
+
+
+def _paper_regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
+    """Eq. 6 through the fused kernel. Inside mask n the ID's logits are m * q.k / sqrt(d), i.e. plain
+    attention of the query scaled by m; outside, every ID logit is exactly 0, so that part is the mean
+    of the ID's values with log-sum-exp log(tokens). Strength adds log(s) to the part."""
+    text = layout.text_slice
+    merged = _Merger(*_flash_cpu(q, k[:, :, text], v[:, :, text]))
+    q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
+    for n, inside, m, outside, log_s in masks.paper_regions(*grid, q.device):
+        ids = layout.id_slice(n)
+        if inside.numel():
+            q_in = q_rows[:, inside] * m.to(q.dtype)[:, None, None]
+            o_n, l_n = _flash_cpu(q_in.transpose(1, 2), k[:, :, ids], v[:, :, ids])
+            merged.add(inside, o_n.transpose(1, 2).float(), l_n.transpose(1, 2).float() + log_s)
+        if outside.numel():
+            mean_v = v[:, :, ids].float().mean(dim=2)          # (B, H, d)
+            b, p = q.shape[0], outside.numel()
+            l_const = torch.full((b, p, q.shape[1]), math.log(layout.id_width) + log_s, device=q.device)
+            merged.add(outside, mean_v[:, None].expand(b, p, -1, -1), l_const)
+    return merged.result(q.dtype)
+
+
 def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
     """Hard mode as text attention everywhere + ID n's attention inside mask n, merged exactly.
 
@@ -118,24 +166,14 @@ def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> t
     softmax over the union is sum_p exp(l_p) o_p / sum_p exp(l_p); merging one ID at a time keeps
     a running log-sum-exp, so overlapping masks just merge twice.
     """
-    # Work pixel-major, (B, Q, heads, d): the kernel's outputs are laid out that way in memory, so
-    # gathering and updating a region's pixels touches whole contiguous rows.
     text = layout.text_slice
-    out, lse = _flash_cpu(q, k[:, :, text], v[:, :, text])
-    out = out.transpose(1, 2).float()                      # (B, Q, H, d)
-    lse = lse.transpose(1, 2).float().contiguous()         # (B, Q, H)
-    q_rows = q.transpose(1, 2)                             # (B, Q, H, d)
+    merged = _Merger(*_flash_cpu(q, k[:, :, text], v[:, :, text]))
+    q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
     for n, idx, log_w in masks.regions(*grid, q.device):
         ids = layout.id_slice(n)
         o_n, l_n = _flash_cpu(q_rows[:, idx].transpose(1, 2), k[:, :, ids], v[:, :, ids])
-        l_n = l_n.transpose(1, 2).float() + log_w[:, None]   # (B, P, H)
-        l_old = lse[:, idx]
-        l_new = torch.logaddexp(l_old, l_n)
-        a, b = (l_old - l_new).exp().unsqueeze(-1), (l_n - l_new).exp().unsqueeze(-1)
-        out[:, idx] = out[:, idx] * a + o_n.transpose(1, 2).float() * b
-        lse[:, idx] = l_new
-    out = out.transpose(1, 2)
-    return out.to(q.dtype)
+        merged.add(idx, o_n.transpose(1, 2).float(), l_n.transpose(1, 2).float() + log_w[:, None])
+    return merged.result(q.dtype)
 
 
 def _paper_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:

@@ -8,6 +8,7 @@ nothing after its first call.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -159,6 +160,25 @@ class IDMasks:
                 if idx.numel():
                     regions.append((n, idx, weight[n, idx].log()))
             self._cache[key] = regions
+        return self._cache[key]
+
+    def paper_regions(self, h: int, w: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """For the regional paper kernel, masks shared by the batch: per ID with strength > 0,
+        (n, pixels with mask > 0, their mask values, pixels with mask == 0, log strength)."""
+        device = torch.device(device)
+        key = ("paper_regions", h, w, device)
+        if key not in self._cache:
+            if self.batch != 1:
+                raise ValueError("regions need masks shared by the batch; per-sample masks run dense")
+            grid = self.grid(h, w, device)[0]                          # (N, Q)
+            out = []
+            for n in range(self.n_ids):
+                s = float(self.strength[0, n])
+                if s > 0:
+                    inside = (grid[n] > 0).nonzero()[:, 0]
+                    outside = (grid[n] == 0).nonzero()[:, 0]
+                    out.append((n, inside, grid[n, inside], outside, math.log(s)))
+            self._cache[key] = out
         return self._cache[key]
 
     def paper_terms(self, layout: TokenLayout, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:

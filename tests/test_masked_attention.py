@@ -32,7 +32,7 @@ def qkv(b, grid, layout, heads, d, seed=0, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-MODE_KERNELS = [("hard", "dense"), ("hard", "regional"), ("paper", "auto")]
+MODE_KERNELS = [("hard", "dense"), ("hard", "regional"), ("paper", "dense"), ("paper", "regional")]
 
 
 @pytest.mark.parametrize("mode,kernel", MODE_KERNELS)
