@@ -140,22 +140,25 @@ class _Merger:
 
 def _paper_regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
     """Eq. 6 through the fused kernel. Inside mask n the ID's logits are m * q.k / sqrt(d), i.e. plain
-    attention of the query scaled by m; outside, every ID logit is exactly 0, so that part is the mean
-    of the ID's values with log-sum-exp log(tokens). Strength adds log(s) to the part."""
+    attention of the query scaled by m. Outside, every ID logit is exactly 0: each of the ID's tokens
+    weighs exp(0), so all outside parts together are one weighted mean of the IDs' mean values,
+    merged once. Strength s multiplies a part's weight (adds log s)."""
     text = layout.text_slice
     merged = _Merger(*_flash_cpu(q, k[:, :, text], v[:, :, text]))
     q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
-    for n, inside, m, outside, log_s in masks.paper_regions(*grid, q.device):
+    inside, outside, where = masks.paper_regions(layout, *grid, q.device)
+    for n, idx, m, log_s in inside:
         ids = layout.id_slice(n)
-        if inside.numel():
-            q_in = q_rows[:, inside] * m.to(q.dtype)[:, None, None]
-            o_n, l_n = _flash_cpu(q_in.transpose(1, 2), k[:, :, ids], v[:, :, ids])
-            merged.add(inside, o_n.transpose(1, 2).float(), l_n.transpose(1, 2).float() + log_s)
-        if outside.numel():
-            mean_v = v[:, :, ids].float().mean(dim=2)          # (B, H, d)
-            b, p = q.shape[0], outside.numel()
-            l_const = torch.full((b, p, q.shape[1]), math.log(layout.id_width) + log_s, device=q.device)
-            merged.add(outside, mean_v[:, None].expand(b, p, -1, -1), l_const)
+        q_in = q_rows[:, idx] * m.to(q.dtype)[:, None, None]
+        o_n, l_n = _flash_cpu(q_in.transpose(1, 2), k[:, :, ids], v[:, :, ids])
+        merged.add(idx, o_n.transpose(1, 2).float(), l_n.transpose(1, 2).float() + log_s)
+    if where.numel():
+        b, h, _, d = v.shape
+        mean_v = v[:, :, layout.ids_slice].float().reshape(b, h, layout.n_ids, layout.id_width, d).mean(3)
+        weight = outside[where]                                # (P, N): tokens * strength, 0 inside
+        total = weight.sum(-1)                                 # (P,)
+        o_out = torch.einsum("pn,bhnd->bphd", weight / total[:, None], mean_v)
+        merged.add(where, o_out, total.log()[None, :, None].expand(b, -1, h))
     return merged.result(q.dtype)
 
 

@@ -162,23 +162,29 @@ class IDMasks:
             self._cache[key] = regions
         return self._cache[key]
 
-    def paper_regions(self, h: int, w: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-        """For the regional paper kernel, masks shared by the batch: per ID with strength > 0,
-        (n, pixels with mask > 0, their mask values, pixels with mask == 0, log strength)."""
+    def paper_regions(self, layout: TokenLayout, h: int, w: int, device):
+        """For the regional paper kernel (masks shared by the batch):
+
+        - inside: per ID with strength > 0, (n, pixels with mask > 0, their mask values, log strength);
+        - outside: (Q, N) weights tokens * strength where a pixel is outside mask n (its ID logits are
+          all 0 there, so each of the ID's tokens weighs exp(0)), and the pixels where any is > 0.
+        """
         device = torch.device(device)
-        key = ("paper_regions", h, w, device)
+        key = ("paper_regions", layout, h, w, device)
         if key not in self._cache:
             if self.batch != 1:
                 raise ValueError("regions need masks shared by the batch; per-sample masks run dense")
             grid = self.grid(h, w, device)[0]                          # (N, Q)
-            out = []
+            strength = self.strength[0].to(device)                     # (N,)
+            inside = []
             for n in range(self.n_ids):
-                s = float(self.strength[0, n])
-                if s > 0:
-                    inside = (grid[n] > 0).nonzero()[:, 0]
-                    outside = (grid[n] == 0).nonzero()[:, 0]
-                    out.append((n, inside, grid[n, inside], outside, math.log(s)))
-            self._cache[key] = out
+                if float(strength[n]) > 0:
+                    idx = (grid[n] > 0).nonzero()[:, 0]
+                    if idx.numel():
+                        inside.append((n, idx, grid[n, idx], math.log(float(strength[n]))))
+            outside = ((grid == 0) * (strength * layout.id_width)[:, None]).T.contiguous()   # (Q, N)
+            where = (outside.sum(-1) > 0).nonzero()[:, 0]
+            self._cache[key] = (inside, outside, where)
         return self._cache[key]
 
     def paper_terms(self, layout: TokenLayout, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
