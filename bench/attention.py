@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_malloc_env, grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
+from common import grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
 
 from instantfamily_nodes.attention import IDMasks, TokenLayout, masked_attention, merge_heads, split_heads  # noqa: E402
 
@@ -83,8 +83,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="two grids, N in {0, 4}: a smoke run")
     args = ap.parse_args()
-    if args.device == "cpu":
-        ensure_malloc_env()
     torch.manual_seed(0)
     with torch.inference_mode():
         run(args.device, args.quick)

@@ -5,17 +5,18 @@ configuration are timed in interleaved rounds and the best round kept, so a neig
 shared machine slows all variants alike instead of skewing one ratio.
 
 Peak memory: on CUDA, torch's allocator statistics. On CPU, the process's resident high-water mark
-(VmHWM), reset before each measurement through /proc/self/clear_refs; glibc is told to mmap every
-large block (MALLOC_MMAP_THRESHOLD_) so freed tensors really leave the resident set.
+(VmHWM), reset before each measurement through /proc/self/clear_refs, after glibc's malloc_trim has
+handed freed memory back to the OS (so earlier calls' freed tensors do not hide this call's peak).
+The allocator itself is left as users run it, so timings are not distorted.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import gc
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -23,14 +24,14 @@ import torch
 from torch.utils.benchmark import Timer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
-def ensure_malloc_env() -> None:
-    """Re-exec the script once with glibc returning large blocks to the OS (CPU memory numbers)."""
-    if os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
-        os.environ[_MMAP_ENV] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+def _malloc_trim() -> None:
+    """Return freed heap memory to the OS (glibc); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cpu_name() -> str:
@@ -87,6 +88,7 @@ def peak_memory(fn: Callable[[], object], device: str) -> float:
         peak = torch.cuda.max_memory_allocated() - before
         del out
         return float(peak)
+    _malloc_trim()
     Path("/proc/self/clear_refs").write_text("5")
     before = _vm("VmRSS")
     out = fn()

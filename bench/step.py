@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_malloc_env, grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
+from common import grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
 
 PACK = Path(__file__).resolve().parent.parent
 SD15_UNET = {
@@ -154,8 +154,6 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image size (default 256 on CPU, 512 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="N in {1, 4} only")
     args = ap.parse_args()
-    if args.device == "cpu":
-        ensure_malloc_env()
     sys.path.insert(0, str(find_comfyui()))
     import comfy.cli_args
 
