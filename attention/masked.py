@@ -18,7 +18,6 @@ Text tokens are visible to every pixel; the tokens of ID n only to pixels inside
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

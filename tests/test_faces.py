@@ -5,7 +5,6 @@ Photos come from installed packages: insightface's t1.jpg (a group of six), scik
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
