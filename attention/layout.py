@@ -69,9 +69,6 @@ class TokenLayout:
         ids = torch.arange(self.n_ids).repeat_interleave(self.id_width)
         return torch.cat([torch.full((self.text_len,), -1, dtype=torch.long), ids])
 
-    def with_text_len(self, text_len: int) -> "TokenLayout":
-        return TokenLayout(text_len, self.n_ids, self.tokens_per_id, self.extra_per_id)
-
     def check_context(self, context: torch.Tensor, name: str = "context") -> None:
         """Raise a clear error when ``context``'s token axis (dim -2) does not match this layout."""
         if context.ndim < 2:

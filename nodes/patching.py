@@ -79,12 +79,6 @@ def wrap_controlnet(control, path: str = "control_net") -> InstantFamilyControlN
     return control
 
 
-def count_wrapped(root: torch.nn.Module) -> int:
-    from ..attention.module import MaskedCrossAttention
-
-    return sum(isinstance(m, MaskedCrossAttention) for m in root.modules())
-
-
 def _context_dim(control_model: torch.nn.Module) -> int | None:
     for name, module in control_model.named_modules():
         if name.endswith("attn2") and hasattr(module, "to_k"):
