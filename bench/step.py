@@ -72,7 +72,7 @@ def masked(model, control, n: int, size: int, hint):
     import nodes
 
     from instantfamily_nodes.attention import IDMasks, TokenLayout
-    from instantfamily_nodes.attention.module import IdentityBinding
+    from instantfamily_nodes.attention.layer import IdentityBinding
     from instantfamily_nodes.models import IDProjection, stack_context
     from instantfamily_nodes.nodes.patching import patch_unet
 

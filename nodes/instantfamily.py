@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.masks import DEFAULT_MODE, MODES, IDMasks
-from ..attention.module import IdentityBinding
+from ..attention.layer import IdentityBinding
 from ..models.id_stack import IDStack, load_id_stack, project_faces, save_id_stack
 from ..models.projection import stack_context
 from ..models.weights import WeightFile, load_weights

@@ -1,6 +1,6 @@
 """ComfyUI side of the patch: one mechanism for the UNet and the ControlNet.
 
-Both get their cross-attention modules replaced by ``attention.module.MaskedCrossAttention``:
+Both get their cross-attention modules replaced by ``attention.layer.MaskedCrossAttention``:
 - UNet: as ModelPatcher object patches on a clone (swapped in at patch time, out at unpatch, so the
   original model is never touched and clones do not interfere). The binding travels in
   ``model_options["transformer_options"]["instantfamily"]``.
@@ -16,7 +16,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from ..attention.module import OPTIONS_KEY, IdentityBinding, binding_scope, wrap_cross_attention
+from ..attention.layer import OPTIONS_KEY, IdentityBinding, binding_scope, wrap_cross_attention
 
 SD15_CONTEXT = 768
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from instantfamily_nodes.attention import module as attention_module
+from instantfamily_nodes.attention import layer as attention_module
 from instantfamily_nodes.models.faces.types import Face, Faces
 
 N_IDS = 2
@@ -93,7 +93,7 @@ def spy(monkeypatch):
 
 
 def test_all_16_unet_and_7_controlnet_layers_run_masked_attention_in_one_cond_uncond_pass(env, spy):
-    from instantfamily_nodes.attention.module import MaskedCrossAttention
+    from instantfamily_nodes.attention.layer import MaskedCrossAttention
 
     model, pos, neg = apply(env, control=True)
     assert sum(isinstance(m, MaskedCrossAttention) for m in env["control"].control_model.modules()) == 7

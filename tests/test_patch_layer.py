@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from instantfamily_nodes.attention import IDMasks, TokenLayout
-from instantfamily_nodes.attention.module import OPTIONS_KEY, IdentityBinding, MaskedCrossAttention, wrap_cross_attention
+from instantfamily_nodes.attention.layer import OPTIONS_KEY, IdentityBinding, MaskedCrossAttention, wrap_cross_attention
 
 H, W = 8, 12          # a non-square latent grid
 LAYOUT = TokenLayout(77, 2, 5)
