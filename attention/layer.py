@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -131,7 +131,25 @@ def _grid(options: dict, x: torch.Tensor) -> tuple[int, int]:
     return int(shape[-2]), int(shape[-1])
 
 
-def wrap_cross_attention(root: nn.Module, suffix: str = "attn2") -> dict[str, MaskedCrossAttention]:
-    """Wrappers for every module named ``*.<suffix>`` under ``root``, keyed by module path."""
-    return {name: MaskedCrossAttention(module) for name, module in root.named_modules()
+LayerFactory = Callable[[nn.Module], nn.Module]
+
+
+def wrap_cross_attention(root: nn.Module, factory: LayerFactory = MaskedCrossAttention,
+                         suffix: str = "attn2") -> dict[str, nn.Module]:
+    """The seam every caller installs its layers through: the replacement for each module named
+    ``*.<suffix>`` under ``root``, made by ``factory`` (default: the masked layer), keyed by module path.
+
+    The nodes' UNet patch (as ModelPatcher object patches), the ControlNet wrapper and the trainer
+    (both through :func:`install_layers`) all take their layers from here, so a path such as
+    ``input_blocks.1.1.transformer_blocks.0.attn2`` names the same layer for all of them and exported
+    weight keys equal the module paths the nodes see."""
+    return {name: factory(module) for name, module in root.named_modules()
             if name.split(".")[-1] == suffix and module is not None}
+
+
+def install_layers(root: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Put ``layers`` (from :func:`wrap_cross_attention`) in place under ``root``, in place."""
+    for path, module in layers.items():
+        parent_path, _, leaf = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        setattr(parent, leaf, module)

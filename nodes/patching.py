@@ -16,7 +16,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from ..attention.layer import OPTIONS_KEY, IdentityBinding, binding_scope, wrap_cross_attention
+from ..attention.layer import OPTIONS_KEY, IdentityBinding, binding_scope, install_layers, wrap_cross_attention
 
 SD15_CONTEXT = 768
 
@@ -73,8 +73,7 @@ def wrap_controlnet(control, path: str = "control_net") -> InstantFamilyControlN
     if context_dim != SD15_CONTEXT:
         raise ValueError(f"control_net_name: {path} has context width {context_dim}, not SD1.5's "
                          f"{SD15_CONTEXT}; use an SD1.5 ControlNet")
-    for path_in_model, wrapper in wrap_cross_attention(control.control_model).items():
-        _set_module(control.control_model, path_in_model, wrapper)
+    install_layers(control.control_model, wrap_cross_attention(control.control_model))
     control.__class__ = InstantFamilyControlNet
     return control
 
@@ -84,9 +83,3 @@ def _context_dim(control_model: torch.nn.Module) -> int | None:
         if name.endswith("attn2") and hasattr(module, "to_k"):
             return module.to_k.weight.shape[1]
     return None
-
-
-def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
