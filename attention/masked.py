@@ -11,6 +11,10 @@ Text tokens are visible to every pixel; the tokens of ID n only to pixels inside
   when the masks are shared by the batch): text attention over every pixel, plus each ID's tokens
   attended only from the pixels inside its mask, merged through their log-sum-exps. Its cost is that
   of text-only attention plus the face area, whatever N is.
+  Training: the regional kernel is differentiable. When autograd records (grad enabled and an input
+  requires grad) each part's log-sum-exp comes from materialised logits (the fused CPU kernel's
+  log-sum-exp carries no gradient) and the merge is out of place; without grad the fused kernel and
+  the in-place merge run as before. Training batches with per-sample masks use ``dense``.
 - ``paper``: eq. 6 taken literally, softmax(M * QK^T / sqrt(d)) V: a masked logit becomes 0, not
   -inf, so masked tokens still receive weight exp(0) relative to the visible ones. Dense: logits
   materialised in float32, chunked over pixels. Regional (CPU): inside mask n the ID's logits are
@@ -116,22 +120,47 @@ def _use_regional(kernel: str, q: torch.Tensor, masks: IDMasks) -> bool:
     return usable if kernel == "auto" else kernel == "regional"
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _part_attention(q, k, v, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, P, d), log-sum-exp (B, H, P)) of q over one key set.
+
+    The fused CPU kernel's log-sum-exp has no gradient, so under autograd the logits are materialised
+    (a part is the text tokens or one ID's tokens: at most a few hundred keys)."""
+    if not differentiable:
+        return _flash_cpu(q, k, v)
+    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = logits.logsumexp(-1)
+    return (logits - lse.unsqueeze(-1)).exp() @ v, lse
+
+
 class _Merger:
-    """Running softmax over several key sets, pixel-major: out (B, Q, H, d) and lse (B, Q, H) in float32.
+    """Running softmax over several key sets, pixel-major: out (B, Q, H, d) and lse (B, Q, H) in float32
+    (float64 for float64 inputs).
 
-    Adding a part (o_p, l_p) for some pixels keeps out = sum_p exp(l_p) o_p / sum_p exp(l_p) exact."""
+    Adding a part (o_p, l_p) for some pixels keeps out = sum_p exp(l_p) o_p / sum_p exp(l_p) exact.
+    ``differentiable``: merge out of place (index_copy) so autograd can record it; in place otherwise."""
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor):
-        self.out = out.transpose(1, 2).float()                 # the kernel's memory is already pixel-major
-        self.lse = lse.transpose(1, 2).float().contiguous()
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, differentiable: bool = False):
+        work = torch.promote_types(out.dtype, torch.float32)
+        self.differentiable = differentiable
+        self.out = out.transpose(1, 2).to(work)                # the kernel's memory is already pixel-major
+        self.lse = lse.transpose(1, 2).to(work).contiguous()
 
     def add(self, idx: torch.Tensor, o_p: torch.Tensor, l_p: torch.Tensor) -> None:
         """o_p (B, P, H, d) and l_p (B, P, H) for the pixels ``idx``."""
         l_old = self.lse[:, idx]
         l_new = torch.logaddexp(l_old, l_p)
         a, b = (l_old - l_new).exp().unsqueeze(-1), (l_p - l_new).exp().unsqueeze(-1)
-        self.out[:, idx] = self.out[:, idx] * a + o_p * b
-        self.lse[:, idx] = l_new
+        merged = self.out[:, idx] * a + o_p * b
+        if self.differentiable:
+            self.out = self.out.index_copy(1, idx, merged)
+            self.lse = self.lse.index_copy(1, idx, l_new)
+        else:
+            self.out[:, idx] = merged
+            self.lse[:, idx] = l_new
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         return self.out.transpose(1, 2).to(dtype)
@@ -143,18 +172,20 @@ def _paper_regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid
     weighs exp(0), so all outside parts together are one weighted mean of the IDs' mean values,
     merged once. Strength s multiplies a part's weight (adds log s)."""
     text = layout.text_slice
-    merged = _Merger(*_flash_cpu(q, k[:, :, text], v[:, :, text]))
+    grad = _needs_grad(q, k, v)
+    merged = _Merger(*_part_attention(q, k[:, :, text], v[:, :, text], grad), differentiable=grad)
+    work = merged.out.dtype
     q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
     inside, outside, where = masks.paper_regions(layout, *grid, q.device)
     for n, idx, m, log_s in inside:
         ids = layout.id_slice(n)
         q_in = q_rows[:, idx] * m.to(q.dtype)[:, None, None]
-        o_n, l_n = _flash_cpu(q_in.transpose(1, 2), k[:, :, ids], v[:, :, ids])
-        merged.add(idx, o_n.transpose(1, 2).float(), l_n.transpose(1, 2).float() + log_s)
+        o_n, l_n = _part_attention(q_in.transpose(1, 2), k[:, :, ids], v[:, :, ids], grad)
+        merged.add(idx, o_n.transpose(1, 2).to(work), l_n.transpose(1, 2).to(work) + log_s)
     if where.numel():
         b, h, _, d = v.shape
-        mean_v = v[:, :, layout.ids_slice].float().reshape(b, h, layout.n_ids, layout.id_width, d).mean(3)
-        weight = outside[where]                                # (P, N): tokens * strength, 0 inside
+        mean_v = v[:, :, layout.ids_slice].to(work).reshape(b, h, layout.n_ids, layout.id_width, d).mean(3)
+        weight = outside[where].to(work)                       # (P, N): tokens * strength, 0 inside
         total = weight.sum(-1)                                 # (P,)
         o_out = torch.einsum("pn,bhnd->bphd", weight / total[:, None], mean_v)
         merged.add(where, o_out, total.log()[None, :, None].expand(b, -1, h))
@@ -169,29 +200,36 @@ def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> t
     a running log-sum-exp, so overlapping masks just merge twice.
     """
     text = layout.text_slice
-    merged = _Merger(*_flash_cpu(q, k[:, :, text], v[:, :, text]))
+    grad = _needs_grad(q, k, v)
+    merged = _Merger(*_part_attention(q, k[:, :, text], v[:, :, text], grad), differentiable=grad)
+    work = merged.out.dtype
     q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
-    for n, idx, log_w in masks.regions(*grid, q.device):
+    for n, idx, log_w in masks.regions(*grid, q.device, work):
         ids = layout.id_slice(n)
-        o_n, l_n = _flash_cpu(q_rows[:, idx].transpose(1, 2), k[:, :, ids], v[:, :, ids])
-        merged.add(idx, o_n.transpose(1, 2).float(), l_n.transpose(1, 2).float() + log_w[:, None])
+        o_n, l_n = _part_attention(q_rows[:, idx].transpose(1, 2), k[:, :, ids], v[:, :, ids], grad)
+        merged.add(idx, o_n.transpose(1, 2).to(work), l_n.transpose(1, 2).to(work) + log_w[:, None])
     return merged.result(q.dtype)
 
 
 def _paper_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
-    """softmax(M * QK^T / sqrt(d) + log strength) V, in float32, chunked over query pixels."""
+    """softmax(M * QK^T / sqrt(d) + log strength) V, in float32 (float64 for float64 inputs), chunked
+    over query pixels. Out of place under autograd (the chunks are concatenated, not written into)."""
     m, strength_bias = masks.paper_terms(layout, *grid, q.device)    # (B|1, 1, Q, N*W), (B|1, 1, 1, N*W)
     b, heads, n_q, d = q.shape
     scale = d ** -0.5
-    kf, vf = k.float(), v.float()
+    work = torch.promote_types(q.dtype, torch.float32)
+    kf, vf = k.to(work), v.to(work)
+    m = m.to(work)
+    strength_bias = strength_bias.to(work) if strength_bias is not None else None
     chunk = max(1, _PAPER_CHUNK_ELEMENTS // max(1, b * heads * k.shape[2]))
     t = layout.text_len
-    out = torch.empty(b, heads, n_q, v.shape[-1], dtype=q.dtype, device=q.device)
+    parts = []
     for start in range(0, n_q, chunk):
         stop = min(n_q, start + chunk)
-        logits = (q[:, :, start:stop].float() @ kf.transpose(-1, -2)) * scale
-        logits[..., t:] *= m[:, :, start:stop]
+        logits = (q[:, :, start:stop].to(work) @ kf.transpose(-1, -2)) * scale
+        ids = logits[..., t:] * m[:, :, start:stop]
         if strength_bias is not None:
-            logits[..., t:] += strength_bias
-        out[:, :, start:stop] = (logits.softmax(dim=-1) @ vf).to(q.dtype)
-    return out
+            ids = ids + strength_bias
+        logits = torch.cat([logits[..., :t], ids], dim=-1)
+        parts.append((logits.softmax(dim=-1) @ vf).to(q.dtype))
+    return torch.cat(parts, dim=2)

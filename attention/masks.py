@@ -137,19 +137,23 @@ class IDMasks:
             if bool((weight == 1).all()):
                 self._cache[key] = None
             else:
+                # Built in a type that holds masked_value(dtype): float64's bias overflows float32.
+                weight = weight.to(torch.promote_types(dtype, torch.float32))
                 neg = masked_value(dtype)
                 logw = torch.where(weight > 0, weight.clamp_min(1e-30).log(), torch.full_like(weight, neg))
                 per_token = logw.transpose(1, 2).repeat_interleave(layout.id_width, dim=-1)  # (B, Q, N*W)
-                text = torch.zeros(per_token.shape[0], per_token.shape[1], layout.text_len, device=device)
+                text = per_token.new_zeros(per_token.shape[0], per_token.shape[1], layout.text_len)
                 bias = torch.cat([text, per_token], dim=-1).unsqueeze(1)                     # (B, 1, Q, K)
                 self._cache[key] = bias.to(dtype).contiguous()
         return self._cache[key]
 
-    def regions(self, h: int, w: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def regions(self, h: int, w: int, device,
+                dtype: torch.dtype = torch.float32) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """For masks shared by the batch: per visible ID, (n, pixel indices with weight > 0, log
-        weight at those pixels). The regional kernel attends ID n's tokens from those pixels only."""
+        weight at those pixels in ``dtype``). The regional kernel attends ID n's tokens from those
+        pixels only."""
         device = torch.device(device)
-        key = ("regions", h, w, device)
+        key = ("regions", h, w, device, dtype)
         if key not in self._cache:
             if self.batch != 1:
                 raise ValueError("regions need masks shared by the batch; per-sample masks run dense")
@@ -158,7 +162,7 @@ class IDMasks:
             for n in range(self.n_ids):
                 idx = (weight[n] > 0).nonzero()[:, 0]
                 if idx.numel():
-                    regions.append((n, idx, weight[n, idx].log()))
+                    regions.append((n, idx, weight[n, idx].to(dtype).log()))
             self._cache[key] = regions
         return self._cache[key]
 

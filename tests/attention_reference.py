@@ -63,3 +63,43 @@ def reference_attention(q, k, v, heads, text_len, tokens_per_id, masks, grid, mo
     p = p / p.sum(axis=-1, keepdims=True)
     out = np.einsum("bhqk,bkhd->bqhd", p, vh)
     return out.reshape(B, Q, width), p
+
+
+def reference_attention_torch(q, k, v, heads, text_len, tokens_per_id, masks, grid, mode, strength=None):
+    """The same eq. 6-7 reference in torch float64 with autograd, for gradient checks: mask resizing
+    and the M / S matrices come from the numpy code above, the attention itself is recorded by autograd.
+    q, k, v: float64 tensors (requires_grad as the caller wants)."""
+    import torch
+
+    B, Q, width = q.shape
+    K = k.shape[1]
+    d = width // heads
+    h, w = grid
+    n_ids = (K - text_len) // tokens_per_id
+    masks = np.asarray(masks, dtype=np.float64)
+    if masks.ndim == 3:
+        masks = np.broadcast_to(masks[None], (B,) + masks.shape)
+    s = np.ones((B, n_ids)) if strength is None else np.broadcast_to(np.asarray(strength, np.float64), (B, n_ids))
+    M = np.ones((B, Q, K))
+    S = np.ones((B, K))
+    for b in range(B):
+        for n in range(n_ids):
+            cols = slice(text_len + n * tokens_per_id, text_len + (n + 1) * tokens_per_id)
+            M[b, :, cols] = resize_area(masks[b, n], h, w).reshape(Q)[:, None]
+            S[b, cols] = s[b, n]
+    M_t = torch.from_numpy(M)[:, None]                  # (B, 1, Q, K)
+    with np.errstate(divide="ignore"):
+        logS = torch.from_numpy(np.log(S))[:, None, None, :]
+        logMS = torch.from_numpy(np.log(M * S[:, None, :]))[:, None]
+    qh = q.reshape(B, Q, heads, d).transpose(1, 2)
+    kh = k.reshape(B, K, heads, d).transpose(1, 2)
+    vh = v.reshape(B, K, heads, d).transpose(1, 2)
+    logits = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    if mode == "paper":
+        logits = logits * M_t + logS
+    elif mode == "hard":
+        logits = logits + logMS                          # -inf where masked: exactly zero weight
+    else:
+        raise ValueError(mode)
+    out = logits.softmax(-1) @ vh
+    return out.transpose(1, 2).reshape(B, Q, width)
