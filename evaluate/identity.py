@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.faces.base import Detection, Encoded, FaceEncoder, aligned_crop, l2_normalize
-from ..models.faces.encode import encode_faces
+from ..models.faces.encode import encode_faces, search_faces
 from ..models.faces.errors import ModelFileError, ModelFolderError, NoFaceError
 from ..models.faces.image import MIN_SIDE
 from ..models.faces.types import Faces
@@ -31,10 +31,6 @@ FACENET_FILE = "20180402-114759-vggface2.pt"
 FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/" + FACENET_FILE
 # FaceNet crops as FastComposer feeds them: MTCNN box, 160 px, no margin.
 FACENET_SIZE = 160
-
-# A face filling the frame is missed by detectors trained on smaller faces; a border brings it back
-# (the same idea as the face nodes' padded retry).
-PAD_FRACTION = 0.25
 
 
 @dataclass
@@ -177,40 +173,18 @@ def make_encoder(backend: str = "dlib", *, insightface_root: str | os.PathLike |
     raise EvaluationInputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-def _pad(image: np.ndarray) -> tuple[np.ndarray, int, int]:
-    h, w = image.shape[:2]
-    py, px = int(round(h * PAD_FRACTION)), int(round(w * PAD_FRACTION))
-    return np.pad(image, ((py, py), (px, px), (0, 0))), px, py
-
-
 def detect_faces(encoder: FaceEncoder, image: np.ndarray, want: int = 1) -> list[GenFace]:
     """Every face in a generated image (HxWx3 uint8 RGB), embedded. Unlike reference encoding, no face
     is not an error here: it is a result (counted as missing).
 
     The ladder is climbed until at least ``want`` faces are found (HOG at upsample 0 often sees only
-    the larger of two faces); the rung with the most faces wins; with none, a padded retry."""
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_SIDE:
+    the larger of two faces); the rung with the most faces wins; with none, a padded retry (the same
+    search as the face nodes: models/faces/encode.search_faces)."""
+    if min(image.shape[:2]) < MIN_SIDE:
         return []
-    best: list[Detection] = []
-    for rung in encoder.ladder:
-        dets = encoder.detect(image, rung)
-        if len(dets) > len(best):
-            best = dets
-        if len(best) >= want:
-            break
-    if best:
-        enc = encoder.encode(image, best)
-    else:
-        padded, px, py = _pad(image)
-        best = encoder.detect(padded, encoder.ladder[0])
-        enc = encoder.encode(padded, best)   # embed where the keypoints are exact, then shift back
-        shift = np.array([px, py], np.float32)
-        for d in best:
-            d.box = np.clip(d.box - np.tile(shift, 2), 0, [w, h, w, h]).astype(np.float32)
-            d.kps = (d.kps - shift).astype(np.float32)
     return [GenFace(box=d.box.astype(np.float32), kps=d.kps.astype(np.float32), embedding=e.embedding,
-                    crop=e.crop, score=float(d.score)) for d, e in zip(best, enc)]
+                    crop=e.crop, score=float(d.score))
+            for d, e in search_faces(encoder, image, want).encode(encoder)]
 
 
 def encode_references(encoder: FaceEncoder, images: Sequence[np.ndarray], names: Sequence[str],

@@ -268,3 +268,26 @@ def test_merge_faces_keeps_order_and_renumbers_images():
     assert m.encoder == "dlib" and [f.image_index for f in b] == [0, 0, 2]   # inputs untouched
     with pytest.raises(ValueError, match="different encoders"):
         merge_faces([a, Faces([face(0, 0)], encoder="insightface/antelopev2")])
+
+
+@pytest.mark.parametrize("who, m", [("grace", 40), ("astronaut", 10)])
+def test_padded_retry_embeds_the_face_where_it_was_found(enc, who, m, grace, astronaut):
+    # Issue 9, defect 1: the padded retry shifted the box and keypoints back but not the 68 landmarks
+    # the dlib descriptor is computed from, so the embedding came from misplaced landmarks (cosine to
+    # the same face fell to the different-people range). Reference: the face detected and embedded
+    # directly in the padded image, where no retry is needed.
+    photo = {"grace": grace, "astronaut": astronaut}[who]
+    f = encode_faces(enc, photo, faces_per_image="1")[0]
+    x0, y0, x1, y1 = (int(v) for v in f.box)
+    tight = photo[y0 + m : y1 - m, x0 + m : x1 - m].copy()
+    assert all(enc.detect(tight, rung) == [] for rung in enc.ladder), "precondition: only the padded retry finds it"
+    got = encode_faces(enc, tight)[0]
+    h, w = tight.shape[:2]
+    py, px = round(h * 0.25), round(w * 0.25)
+    padded = np.pad(tight, ((py, py), (px, px), (0, 0)))
+    dets = enc.detect(padded, enc.ladder[0])
+    assert len(dets) == 1
+    (ref,) = enc.encode(padded, dets)
+    assert cosine_similarity(got.embedding, ref.embedding) >= 0.99
+    assert cosine_similarity(got.embedding, f.embedding) >= 0.94   # the full photo: same person
+    np.testing.assert_allclose(got.kps, dets[0].kps - [px, py], atol=1e-4)

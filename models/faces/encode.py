@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Detection, FaceEncoder
+from .base import Detection, Encoded, FaceEncoder
 from .errors import NoFaceError, NoLocalFeaturesError
 from .image import MIN_SIDE, as_image_list
 from .ordering import order_faces, parse_faces_per_image
@@ -14,12 +15,6 @@ from .types import Face, Faces
 # The padded retry: a face that fills the whole frame is missed by anchor-based detectors; a border of
 # this fraction of the image on each side brings it back into their range.
 PAD_FRACTION = 0.25
-
-
-def _pad(image: np.ndarray) -> tuple[np.ndarray, int, int]:
-    h, w = image.shape[:2]
-    py, px = int(round(h * PAD_FRACTION)), int(round(w * PAD_FRACTION))
-    return np.pad(image, ((py, py), (px, px), (0, 0))), px, py
 
 
 def _area(d: Detection) -> float:
@@ -35,26 +30,59 @@ def most_prominent(dets: list[Detection], k: int) -> list[Detection]:
                   reverse=True)[:k]
 
 
-def detect_with_ladder(encoder: FaceEncoder, image: np.ndarray, index: int, total: int) -> list[Detection]:
-    """Try each ladder rung until faces appear, then once more on a padded copy; else a clear error."""
+@dataclass
+class Search:
+    """Where the ladder found faces: ``dets`` are in the coordinates of ``image``, which is the input
+    itself or, after the padded retry, a padded copy whose input starts at ``offset`` (x, y)."""
+
+    image: np.ndarray
+    dets: list[Detection]
+    offset: tuple[int, int] = (0, 0)
+
+    def encode(self, encoder: FaceEncoder, dets: list[Detection] | None = None) -> list[tuple[Detection, Encoded]]:
+        """Embed ``dets`` (default: all) in the image they were found in, where every backend's
+        landmarks are exact (dlib keeps its 68 points from detection), then move box and keypoints
+        back into the input's coordinates (boxes clipped to it)."""
+        dets = self.dets if dets is None else dets
+        encoded = encoder.encode(self.image, dets)
+        px, py = self.offset
+        if (px, py) == (0, 0):
+            return list(zip(dets, encoded))
+        h, w = self.image.shape[0] - 2 * py, self.image.shape[1] - 2 * px
+        shift = np.array([px, py], np.float32)
+        moved = [Detection(box=np.clip(d.box - np.tile(shift, 2), 0, [w, h, w, h]).astype(np.float32),
+                           kps=(d.kps - shift).astype(np.float32), score=d.score) for d in dets]
+        return list(zip(moved, encoded))
+
+
+def search_faces(encoder: FaceEncoder, image: np.ndarray, want: int = 1) -> Search:
+    """Climb the encoder's ladder until at least ``want`` faces appear (the rung with the most faces
+    wins); with none at any rung, one padded retry. ``dets`` is empty when nothing was found."""
+    best: list[Detection] = []
+    for rung in encoder.ladder:
+        dets = encoder.detect(image, rung)
+        if len(dets) > len(best):
+            best = dets
+        if len(best) >= want:
+            break
+    if best:
+        return Search(image, best)
+    h, w = image.shape[:2]
+    py, px = int(round(h * PAD_FRACTION)), int(round(w * PAD_FRACTION))
+    padded = np.pad(image, ((py, py), (px, px), (0, 0)))
+    return Search(padded, encoder.detect(padded, encoder.ladder[0]), (px, py))
+
+
+def detect_with_ladder(encoder: FaceEncoder, image: np.ndarray, index: int, total: int) -> Search:
+    """:func:`search_faces` for a user's photo: too small or no face is a clear error naming the image."""
     h, w = image.shape[:2]
     where = f"image {index + 1} of {total}"
     if min(h, w) < MIN_SIDE:
         raise NoFaceError(f"{where} is only {w}x{h} px; a face needs at least {MIN_SIDE} px: use a larger photo",
                           index)
-    for rung in encoder.ladder:
-        dets = encoder.detect(image, rung)
-        if dets:
-            return dets
-    padded, px, py = _pad(image)
-    dets = encoder.detect(padded, encoder.ladder[0])
-    if dets:
-        shift = np.array([px, py], np.float32)
-        for d in dets:
-            d.box = d.box - np.tile(shift, 2)
-            d.kps = d.kps - shift
-            d.box = np.clip(d.box, 0, [w, h, w, h]).astype(np.float32)
-        return dets
+    found = search_faces(encoder, image)
+    if found.dets:
+        return found
     tried = ", ".join(str(r) for r in encoder.ladder)
     hint = "try a larger, frontal, well-lit photo"
     if int(image.max()) == int(image.min()):
@@ -81,14 +109,15 @@ def encode_faces(
     counts = parse_faces_per_image(faces_per_image, len(imgs))
     found: list[Face] = []
     for i, (img, k) in enumerate(zip(imgs, counts)):
-        dets = detect_with_ladder(encoder, img, i, len(imgs))
+        search = detect_with_ladder(encoder, img, i, len(imgs))
+        dets = search.dets
         if k is not None:
             if len(dets) < k:
                 raise NoFaceError(
                     f"image {i + 1} of {len(imgs)}: asked for {k} faces, found {len(dets)}; "
                     "lower faces_per_image or use a photo where every face is visible", i)
             dets = most_prominent(dets, k)
-        for d, e in zip(dets, encoder.encode(img, dets)):
+        for d, e in search.encode(encoder, dets):
             found.append(Face(box=d.box.astype(np.float32), kps=d.kps.astype(np.float32), embedding=e.embedding,
                               local=e.local, crop=e.crop, score=float(d.score), image_index=i,
                               image_size=(int(img.shape[0]), int(img.shape[1]))))
