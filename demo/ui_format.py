@@ -2,24 +2,45 @@
 
 The UI format stores widget values as a positional list (``widgets_values``) in the order the frontend
 creates widgets: the node's required inputs, then its optional ones, skipping link-type inputs; an INT with
-``control_after_generate`` (seeds) is followed by the control value ("fixed"), and an ``image_upload`` combo
-(Load Image) by the upload button's value ("image"). Links are ``[id, from_node, from_slot, to_node,
-to_slot, type]``. Both directions need ComfyUI's node classes (after :func:`headless.setup_comfyui`).
+``control_after_generate`` (seeds, PrimitiveInt) is followed by its control value ("fixed"), and a node with
+an ``image_upload`` combo (Load Image, Load Image (as Mask)) gets the upload button's value ("image") LAST,
+after all its other widgets (the frontend adds the button as an extra input at the end). Links are
+``[id, from_node, from_slot, to_node, to_slot, type]``. Both directions need ComfyUI's node classes (after
+:func:`headless.setup_comfyui`). The browser test (tests/test_browser.py) checks these rules against the live
+frontend: each shipped UI file, loaded in Chromium, converts back to exactly its API file.
 
-``python -m instantfamily_nodes.demo.ui_format`` regenerates ``workflows/<name>.json`` (UI format, what the
-template browser lists) and its ``.jpg`` thumbnail from each ``workflows/api/<name>.json``.
+This module only converts and lays out; writing the shipped files is :mod:`.workflow_files`.
 """
 from __future__ import annotations
 
-import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute"}
-COLUMN_W, NODE_W = 360, 320
+NODE_W, GAP = 340, 40
+PREVIEW_H = 300          # room under a node that shows an image after a run (or a region editor)
+GROUP_PAD, GROUP_TITLE = 20, 40
+# class types that show an image on the node (so the layout leaves room for it)
+PREVIEW_NODES = {"LoadImage", "LoadImageMask", "SaveImage", "PreviewImage", "InstantFamilyEncodeFaces",
+                 "InstantFamilyPoseTemplate", "InstantFamilyPoseFromJSON", "InstantFamilyPoseFromImage",
+                 "InstantFamilyPoseControl", "InstantFamilyIDMasks", "InstantFamilyKps5Control",
+                 "InstantFamilyIDRegions", "InstantFamilyScoreIdentities"}
+# groups, left to right / top to bottom, and the class types in them (anything else: "Sample and save")
+GROUPS: list[tuple[str, str, set[str]]] = [
+    ("Models and picture size", "#3f789e", {"CheckpointLoaderSimple", "ControlNetLoader", "PrimitiveInt",
+                                            "InstantFamilyControlNetLoader", "InstantFamilyWeightsLoader",
+                                            "InstantFamilyFaceEncoderLoader", "CLIPTextEncode"}),
+    ("Identities: one photo per person", "#8A8", {"LoadImage", "InstantFamilyEncodeFaces",
+                                                  "InstantFamilyMergeFaces", "InstantFamilyProjectIDs",
+                                                  "InstantFamilyEmbeddingStack"}),
+    ("Pose and where each person goes", "#a1309b", {"InstantFamilyPoseTemplate", "InstantFamilyPoseFromJSON",
+                                                    "InstantFamilyPoseFromImage", "InstantFamilyPoseControl",
+                                                    "InstantFamilyIDMasks", "InstantFamilyIDRegions",
+                                                    "InstantFamilyKps5Control", "LoadImageMask", "MaskToImage",
+                                                    "ImageBatch", "ImageToMask", "ImageBlend"}),
+    ("Sample and save", "#b58b2a", set()),
+]
 
 
 def _node_class(class_type: str):
@@ -53,29 +74,46 @@ def _outputs(class_type: str) -> list[tuple[str, str]]:
     return list(zip(names, types))
 
 
-def _extra_widget_values(opts: dict, name: str, kind: str) -> list[Any]:
+def _control_values(opts: dict, name: str, kind: str) -> list[Any]:
+    """The value slot that follows a widget right after it (the 'control after generate' combo)."""
     if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
         return ["fixed"]
-    if opts.get("image_upload"):
-        return ["image"]
     return []
 
 
-def api_to_ui(prompt: dict) -> dict:
-    """An API-format prompt as a UI workflow laid out in columns by graph depth; ``_meta.title`` -> title."""
+def _upload_values(class_type: str) -> list[Any]:
+    """Value slots the frontend adds after ALL of a node's widgets (the image upload button)."""
+    return ["image"] if any(o.get("image_upload") for _, _, o, _ in _inputs(class_type)) else []
+
+
+def group_of(class_type: str, upstream: list[str]) -> int:
+    """Index into GROUPS; a Save/Preview node joins the group of the node it saves."""
+    for i, (_, _, members) in enumerate(GROUPS):
+        if class_type in members:
+            return i
+    if class_type in ("SaveImage", "PreviewImage") and upstream:
+        return min(group_of(u, []) for u in upstream)
+    return len(GROUPS) - 1
+
+
+def api_to_ui(prompt: dict, note: str | None = None) -> dict:
+    """An API-format prompt as a UI workflow: nodes in groups (models, identities, pose, sampling), inside a
+    group in columns by graph depth, with room for image previews; ``_meta.title`` -> title; ``note`` becomes
+    a Note node at the top left."""
     ids = {nid: int(nid) for nid in prompt}
     depth: dict[str, int] = {}
 
+    def ups(nid: str) -> list[str]:
+        return [str(v[0]) for v in prompt[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+
     def d(nid: str) -> int:
         if nid not in depth:
-            ups = [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2]
-            depth[nid] = 1 + max((d(str(u)) for u in ups), default=-1)
+            depth[nid] = 1 + max((d(u) for u in ups(nid)), default=-1)
         return depth[nid]
 
     links: list[list] = []
     out_links: dict[tuple[str, int], list[int]] = defaultdict(list)
-    nodes_ui = []
-    column_y: dict[int, float] = defaultdict(lambda: 40.0)
+    built: dict[str, dict] = {}
     for order, nid in enumerate(sorted(prompt, key=lambda n: (d(n), ids[n]))):
         node = prompt[nid]
         ctype, given = node["class_type"], node["inputs"]
@@ -94,28 +132,75 @@ def api_to_ui(prompt: dict) -> dict:
                 inputs_ui.append(entry)
                 if is_widget:  # a widget turned into an input keeps a value slot
                     widgets.append(opts.get("default"))
-                    widgets += _extra_widget_values(opts, name, kind)
+                    widgets += _control_values(opts, name, kind)
                 continue
             if not is_widget:
                 inputs_ui.append({"name": name, "type": kind, "link": None})
                 continue
             widgets.append(value)
-            widgets += _extra_widget_values(opts, name, kind)
-        col = d(nid)
+            widgets += _control_values(opts, name, kind)
+        widgets += _upload_values(ctype)
         height = 60 + 26 * (len(widgets) + max(len(inputs_ui), len(_outputs(ctype))))
-        entry = {"id": ids[nid], "type": ctype, "pos": [40 + col * COLUMN_W, column_y[col]],
-                 "size": [NODE_W, height], "flags": {}, "order": order, "mode": 0, "inputs": inputs_ui,
-                 "outputs": [], "properties": {"Node name for S&R": ctype}, "widgets_values": widgets}
+        if ctype in PREVIEW_NODES:
+            height += PREVIEW_H
+        entry = {"id": ids[nid], "type": ctype, "pos": [0, 0], "size": [NODE_W, height], "flags": {},
+                 "order": order, "mode": 0, "inputs": inputs_ui, "outputs": [],
+                 "properties": {"Node name for S&R": ctype}, "widgets_values": widgets}
         if node.get("_meta", {}).get("title"):
             entry["title"] = node["_meta"]["title"]
-        column_y[col] += height + 40
-        nodes_ui.append(entry)
-    for entry in nodes_ui:
-        nid = str(entry["id"])
+        built[nid] = entry
+    for nid, entry in built.items():
         entry["outputs"] = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                             for i, (n, t) in enumerate(_outputs(entry["type"]))]
-    return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links), "nodes": nodes_ui,
-            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+    # layout: groups 0 (models) | 1 (identities) over 2 (pose) | 3 (sampling); columns by depth inside
+    members: dict[int, list[str]] = defaultdict(list)
+    for nid in sorted(prompt, key=lambda n: (d(n), ids[n])):
+        members[group_of(prompt[nid]["class_type"], [prompt[u]["class_type"] for u in ups(nid)])].append(nid)
+    groups_ui = []
+    note_h = 220.0 if note else 0.0
+    y_top = note_h + GAP
+    bottoms: dict[int, float] = {}
+    rights: dict[int, float] = {}
+
+    def place(g: int, x0: float, y0: float) -> None:
+        nids = members.get(g, [])
+        if not nids:
+            rights[g], bottoms[g] = x0, y0
+            return
+        base = min(d(n) for n in nids)
+        cols: dict[int, list[str]] = defaultdict(list)
+        for n in nids:
+            cols[d(n) - base].append(n)
+        x = x0 + GROUP_PAD
+        bottom = y0
+        for c in sorted(cols):
+            y = y0 + GROUP_TITLE
+            for n in cols[c]:
+                built[n]["pos"] = [x, y]
+                y += built[n]["size"][1] + GAP
+            bottom = max(bottom, y)
+            x += NODE_W + GAP
+        rights[g], bottoms[g] = x - GAP + GROUP_PAD, bottom - GAP + GROUP_PAD
+        title, color, _ = GROUPS[g]
+        groups_ui.append({"id": len(groups_ui) + 1, "title": title, "color": color, "font_size": 24, "flags": {},
+                          "bounding": [x0, y0, rights[g] - x0, bottoms[g] - y0]})
+
+    place(0, 0.0, y_top)
+    place(1, rights[0] + GAP, y_top)
+    place(2, rights[0] + GAP, (bottoms[1] + GAP) if members.get(1) else y_top)
+    place(3, max(rights[1], rights[2]) + GAP, y_top)
+
+    nodes_ui = [built[n] for n in sorted(built, key=lambda n: built[n]["order"])]
+    last_id = max(ids.values(), default=0)
+    if note:
+        last_id += 1
+        nodes_ui.insert(0, {"id": last_id, "type": "Note", "pos": [0.0, 0.0], "size": [max(rights[0], 700.0), note_h],
+                            "flags": {}, "order": len(nodes_ui), "mode": 0, "inputs": [], "outputs": [],
+                            "properties": {}, "widgets_values": [note], "title": "Read me: which files to pick",
+                            "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes_ui,
+            "links": links, "groups": groups_ui, "config": {}, "extra": {}, "version": 0.4}
 
 
 def ui_to_api(workflow: dict) -> dict:
@@ -148,7 +233,7 @@ def ui_to_api(workflow: dict) -> dict:
         for name, kind, opts, is_widget in _inputs(ctype):
             if is_widget:
                 value = values.pop(0) if values else opts.get("default")
-                for _ in _extra_widget_values(opts, name, kind):
+                for _ in _control_values(opts, name, kind):
                     if values:
                         values.pop(0)
                 if name not in linked:
@@ -162,66 +247,3 @@ def ui_to_api(workflow: dict) -> dict:
             entry["_meta"] = {"title": n["title"]}
         prompt[str(n["id"])] = entry
     return prompt
-
-
-def thumbnail_for(prompt: dict) -> Path | None:
-    """The first pose template a workflow uses: its shipped preview makes the thumbnail (a workflow that
-    loads user masks gets its example masks tinted over it, see :func:`thumbnail_image`)."""
-    from ..pose import templates
-
-    for n in prompt.values():
-        if n["class_type"] == "InstantFamilyPoseTemplate":
-            return templates.preview_path(n["inputs"]["template"])
-    return None
-
-
-def thumbnail_image(prompt: dict):
-    """The thumbnail as a PIL image: the pose template preview with the ID circles, plus, for a workflow
-    that loads masks drawn by the user, its example masks in the ID colours; None without a template."""
-    import numpy as np
-    from PIL import Image
-
-    from ..pose.masks import mask_overlay
-    from .workflows import example_masks
-
-    thumb = thumbnail_for(prompt)
-    if thumb is None:
-        return None
-    img = Image.open(thumb).convert("RGB")
-    masks = example_masks(prompt, (img.height, img.width))
-    if masks is not None:
-        img = Image.fromarray(mask_overlay(masks, np.asarray(img), alpha=0.45))
-    return img
-
-
-def export_all(api_dir: Path | None = None, out_dir: Path | None = None) -> list[Path]:
-    """workflows/api/<name>.json -> workflows/<name>.json (UI) + <name>.jpg thumbnail; returns the files."""
-    from .workflows import API_DIR, WORKFLOW_DIR
-
-    api_dir, out_dir = api_dir or API_DIR, out_dir or WORKFLOW_DIR
-    written = []
-    for api in sorted(api_dir.glob("*.json")):
-        prompt = json.loads(api.read_text(encoding="utf-8"))
-        ui = out_dir / api.name
-        ui.write_text(json.dumps(api_to_ui(prompt), indent=1) + "\n", encoding="utf-8")
-        written.append(ui)
-        img = thumbnail_image(prompt)
-        if img is not None:
-            jpg = ui.with_suffix(".jpg")
-            img.thumbnail((384, 384))
-            img.save(jpg, quality=85)
-            written.append(jpg)
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import headless
-
-    headless.setup_comfyui(argv[0] if argv else None, cpu=True, quiet=True)
-    for p in export_all():
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -2,9 +2,10 @@
 
 Layout (one name per workflow):
 
-- ``workflows/<name>.json``: UI format, what ComfyUI's template browser lists (ComfyUI serves a pack's
-  ``workflows/`` folder like ``example_workflows/``; see ``app/custom_node_manager.py``) and what a user
-  opens; ``workflows/<name>.jpg`` is its thumbnail.
+- ``workflows/<title>.json``: UI format (titles in ``workflow_files.WORKFLOWS``), what ComfyUI's template
+  browser lists (ComfyUI serves a pack's ``workflows/`` folder like ``example_workflows/``; see
+  ``app/custom_node_manager.py``) and what a user opens; ``workflows/<title>.jpg`` is its thumbnail. Both are
+  written by ``workflow_files``, which imports this module (never the other way round).
 - ``workflows/api/<name>.json``: the same graph in API format, what the headless runner, the demo and the
   tests execute. Kept in a sub-folder so the template browser does not list it twice.
 
@@ -38,6 +39,7 @@ SIZE_INPUTS: dict[str, tuple[str, str]] = {
     "InstantFamilyPoseControl": ("width", "height"),
     "InstantFamilyIDMasks": ("width", "height"),
     "InstantFamilyKps5Control": ("width", "height"),
+    "InstantFamilyIDRegions": ("width", "height"),
 }
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 MASK_LOADERS = ("LoadImageMask",)  # user-drawn masks, one file per person (ID order = node order)
@@ -93,10 +95,24 @@ def kinds_needed(prompt: dict) -> list[str]:
     return kinds
 
 
+def _size_value(prompt: dict, value) -> tuple[int | None, dict | None]:
+    """(value, node holding it): an int set on the node itself, or one linked from a PrimitiveInt node (the
+    shipped workflows' single 'Picture width' / 'Picture height')."""
+    if isinstance(value, int):
+        return value, None
+    if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
+        src = prompt[str(value[0])]
+        if src["class_type"] == "PrimitiveInt" and isinstance(src["inputs"].get("value"), int):
+            return src["inputs"]["value"], src
+    return None, None
+
+
 def bind(prompt: dict, models: ModelChoice, max_side: int | None = None, steps: int | None = None) -> dict:
     """A copy of ``prompt`` with the chosen model files, the picture scaled so its longer side is at most
-    ``max_side`` (aspect kept, multiples of 8) and sampler steps set to ``steps``."""
+    ``max_side`` (aspect kept, multiples of 8; a size linked from PrimitiveInt nodes is scaled there, once)
+    and sampler steps set to ``steps``."""
     out = copy.deepcopy(prompt)
+    scaled: set[int] = set()
     for node in out.values():
         ctype, inputs = node["class_type"], node["inputs"]
         if ctype in MODEL_INPUTS:
@@ -105,10 +121,16 @@ def bind(prompt: dict, models: ModelChoice, max_side: int | None = None, steps: 
                 inputs[key] = models.get(kind)
         if max_side and ctype in SIZE_INPUTS:
             wk, hk = SIZE_INPUTS[ctype]
-            w, h = inputs.get(wk), inputs.get(hk)
+            (w, w_src), (h, h_src) = _size_value(out, inputs.get(wk)), _size_value(out, inputs.get(hk))
             if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 and max(w, h) > max_side:
                 s = max_side / max(w, h)
-                inputs[wk], inputs[hk] = max(8, int(w * s) // 8 * 8), max(8, int(h * s) // 8 * 8)
+                nw, nh = max(8, int(w * s) // 8 * 8), max(8, int(h * s) // 8 * 8)
+                for src, key, v in ((w_src, wk, nw), (h_src, hk, nh)):
+                    if src is None:
+                        inputs[key] = v
+                    elif id(src) not in scaled:
+                        src["inputs"]["value"] = v
+                        scaled.add(id(src))
         if steps and ctype in SAMPLERS and isinstance(inputs.get("steps"), int):
             inputs["steps"] = steps
     return out
@@ -126,7 +148,7 @@ def picture_size(prompt: dict) -> tuple[int, int] | None:
         for node in prompt.values():
             if node["class_type"] == ctype:
                 wk, hk = SIZE_INPUTS[ctype]
-                w, h = node["inputs"].get(wk), node["inputs"].get(hk)
+                w, h = _size_value(prompt, node["inputs"].get(wk))[0], _size_value(prompt, node["inputs"].get(hk))[0]
                 if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
                     return h, w
     return None

@@ -81,7 +81,7 @@ class FaceEncoderLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstantFamilyFaceEncoderLoader",
-            display_name="InstantFamily Face Encoder Loader",
+            display_name="InstantFamily Face Encoder Loader (identity)",
             category=CATEGORY,
             description="Loads a face encoder. insightface (antelopev2/buffalo_l from "
             "models/insightface/models/<name>/) gives global and local identity features; dlib works "
@@ -99,7 +99,7 @@ class FaceEncoderLoader(io.ComfyNode):
                                 tooltip="Detection sizes tried in order until a face is found "
                                 "(insightface; dlib tries upsampling 0 then 1)."),
             ],
-            outputs=[FACE_ENCODER.Output(display_name="face_encoder")],
+            outputs=[FACE_ENCODER.Output(display_name="face_encoder", tooltip="For Encode Faces.")],
         )
 
     @classmethod
@@ -121,7 +121,7 @@ class EncodeFaces(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstantFamilyEncodeFaces",
-            display_name="InstantFamily Encode Faces",
+            display_name="InstantFamily Encode Faces (identity photos)",
             category=CATEGORY,
             description="Detects, aligns and encodes faces; ID n is the n-th face (see the preview). "
             "One photo per person, one group photo, or both.",
@@ -131,20 +131,23 @@ class EncodeFaces(io.ComfyNode):
                 io.String.Input("faces_per_image", default="auto",
                                 tooltip="auto: one image -> all faces, several -> the largest face of each. "
                                 "Or '1', 'all', or one value per image such as '1, all, 1'."),
-                io.Combo.Input("order", options=list(ORDERS), default="left_to_right",
-                               tooltip="left_to_right: by image, then left to right. size: by image, "
-                               "largest first. index_list: pick faces by their left-to-right number."),
+                io.Combo.Input("id_order", options=list(ORDERS), default="left_to_right",
+                               tooltip="Which face becomes ID 0, 1, ... left_to_right: by image, then left to right. "
+                               "size: by image, largest first. index_list: pick faces by their left-to-right number "
+                               "(a list indexed by ID; the pose nodes' person_ids is the other way round)."),
                 io.String.Input("index_list", default="",
-                                tooltip="For order=index_list: e.g. '2, 0' makes face 2 ID 0 and face 0 ID 1."),
+                                tooltip="For id_order=index_list: e.g. '2, 0' makes face 2 ID 0 and face 0 ID 1."),
                 io.Image.Input("images_2", optional=True, tooltip="More photos of another size (numbered after 'images')."),
                 io.Image.Input("images_3", optional=True, tooltip="More photos (numbered after 'images_2')."),
                 io.Image.Input("images_4", optional=True, tooltip="More photos (numbered after 'images_3')."),
             ],
-            outputs=[FACES.Output(display_name="faces"), io.Image.Output(display_name="preview")],
+            outputs=[FACES.Output(display_name="faces", tooltip="The identities, ID n = face n (numbered in the preview)."),
+                     io.Image.Output(display_name="preview", tooltip="The photos with each face boxed and numbered "
+                                     "in its ID colour.")],
         )
 
     @classmethod
-    def execute(cls, face_encoder, images: torch.Tensor, faces_per_image: str, order: str, index_list: str,
+    def execute(cls, face_encoder, images: torch.Tensor, faces_per_image: str, id_order: str, index_list: str,
                 images_2: torch.Tensor | None = None, images_3: torch.Tensor | None = None,
                 images_4: torch.Tensor | None = None) -> io.NodeOutput:
         import comfy.utils
@@ -155,7 +158,7 @@ class EncodeFaces(io.ComfyNode):
                 arrays += image_tensor_to_list(t)
         rgb = as_image_list(arrays)
         bar = comfy.utils.ProgressBar(len(rgb))
-        faces = encode_faces(face_encoder, rgb, faces_per_image=faces_per_image, order=order,
+        faces = encode_faces(face_encoder, rgb, faces_per_image=faces_per_image, order=id_order,
                              index_list=index_list, progress=lambda done, total: bar.update_absolute(done, total))
         preview = previews_to_tensor(draw_faces(rgb, faces))
         return io.NodeOutput(faces, preview)
@@ -176,7 +179,7 @@ class MergeFaces(io.ComfyNode):
                 FACES.Input("faces_3", optional=True, tooltip="These follow faces_2's IDs."),
                 FACES.Input("faces_4", optional=True, tooltip="These follow faces_3's IDs."),
             ],
-            outputs=[FACES.Output(display_name="faces")],
+            outputs=[FACES.Output(display_name="faces", tooltip="faces_1's IDs first, then faces_2's, ...")],
         )
 
     @classmethod

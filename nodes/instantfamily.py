@@ -62,7 +62,7 @@ class WeightsLoader(io.ComfyNode):
             description="Loads the pack's trained tensors (ID projection, ...) from models/instantfamily.",
             inputs=[io.Combo.Input("weights_name", options=_weight_files(),
                                    tooltip="A .safetensors file in models/instantfamily (or an extra path).")],
-            outputs=[WEIGHTS.Output(display_name="weights")],
+            outputs=[WEIGHTS.Output(display_name="weights", tooltip="For Project IDs, Embedding Stack and Apply.")],
         )
 
     @classmethod
@@ -89,7 +89,7 @@ class ControlNetLoader(io.ComfyNode):
             "attention. Works with the core Apply ControlNet node too.",
             inputs=[io.Combo.Input("control_net_name", options=folder_paths.get_filename_list("controlnet"),
                                    tooltip="An SD1.5 OpenPose ControlNet from models/controlnet.")],
-            outputs=[io.ControlNet.Output(display_name="control_net")],
+            outputs=[io.ControlNet.Output(display_name="control_net", tooltip="For InstantFamily Apply (or core Apply ControlNet).")],
         )
 
     @classmethod
@@ -104,12 +104,12 @@ class ProjectIDs(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstantFamilyProjectIDs",
-            display_name="InstantFamily Project IDs",
+            display_name="InstantFamily Project IDs (identity tokens)",
             category=CATEGORY,
             description="Turns encoded faces into ID tokens (L*L+1 per face) with the pack's projection.",
             inputs=[FACES.Input("faces", tooltip="From InstantFamily Encode Faces (insightface: needs local features)."),
                     WEIGHTS.Input("weights", tooltip="From InstantFamily Weights Loader.")],
-            outputs=[IDS.Output(display_name="ids")],
+            outputs=[IDS.Output(display_name="ids", tooltip="Projected identity tokens, one block per ID, for the Embedding Stack.")],
         )
 
     @classmethod
@@ -152,7 +152,7 @@ class LoadIDStack(io.ComfyNode):
             description="Loads IDs saved by Save ID Stack.",
             inputs=[io.Combo.Input("stack_name", options=_stack_files(),
                                    tooltip="A saved stack in models/instantfamily/ids.")],
-            outputs=[IDS.Output(display_name="ids")],
+            outputs=[IDS.Output(display_name="ids", tooltip="Projected identity tokens, one block per ID, for the Embedding Stack.")],
         )
 
     @classmethod
@@ -197,7 +197,8 @@ class EmbeddingStack(io.ComfyNode):
                 IDS.Input("ids", tooltip="From Project IDs or Load ID Stack; ID n is masked by mask n."),
                 WEIGHTS.Input("weights", tooltip="The same weights that projected the IDs (for the null ID)."),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+            outputs=[io.Conditioning.Output(display_name="positive", tooltip="[text ; ID 1 ; ... ; ID N], for Apply."),
+                     io.Conditioning.Output(display_name="negative", tooltip="Text with null IDs (same layout), for Apply.")],
         )
 
     @classmethod
@@ -235,7 +236,7 @@ class Apply(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstantFamilyApply",
-            display_name="InstantFamily Apply",
+            display_name="InstantFamily Apply (multi person identity)",
             category=CATEGORY,
             description="Patches every cross-attention of the SD1.5 UNet (and of the pack's ControlNet) so "
             "the tokens of ID n act only inside mask n.",
@@ -261,8 +262,9 @@ class Apply(io.ComfyNode):
                 io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
                                tooltip="ControlNet strength (as in Apply ControlNet)."),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
-                     io.Conditioning.Output(display_name="negative")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched model (a clone), for the sampler."),
+                     io.Conditioning.Output(display_name="positive", tooltip="With the control image applied, for the sampler."),
+                     io.Conditioning.Output(display_name="negative", tooltip="With the control image applied, for the sampler.")],
         )
 
     @classmethod

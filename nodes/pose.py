@@ -17,7 +17,8 @@ FacesType = io.Custom("INSTANTFAMILY_FACES")
 CATEGORY = "InstantFamily/pose"
 MAX_SIDE = 8192
 ORDER_TOOLTIP = (
-    "Which identity goes to which person, reading the people left to right by face position: "
+    "The ID of each person, reading the people left to right by face position (a list indexed by "
+    "person; Encode Faces' id_order is the other way round: it picks faces for IDs): "
     "'left_to_right' (default: leftmost face gets ID 0), 'right_to_left', or an explicit list such as "
     "'2,0,1' (leftmost person gets ID 2, then ID 0, then ID 1); '-' leaves a person without an ID "
     "('1,-,0'). People beyond the listed ones get no ID."
@@ -104,7 +105,7 @@ class PoseTemplate(io.ComfyNode):
         names = templates.list_templates()
         return io.Schema(
             node_id="InstantFamilyPoseTemplate",
-            display_name="Pose Template (InstantFamily)",
+            display_name="InstantFamily Pose Template (multi person)",
             category=CATEGORY,
             description="A shipped multi-person pose (2-7 people): only identity photos are needed.",
             inputs=[
@@ -115,7 +116,6 @@ class PoseTemplate(io.ComfyNode):
                 PoseKeypoint.Output(display_name="pose", tooltip="POSE_KEYPOINT, normalised coordinates."),
                 io.Image.Output(display_name="preview", tooltip="Skeletons with ID circles, IDs left to right."),
             ],
-            is_output_node=True,
         )
 
     @classmethod
@@ -132,7 +132,7 @@ class PoseFromJSON(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InstantFamilyPoseFromJSON",
-            display_name="Pose from JSON file (InstantFamily)",
+            display_name="InstantFamily Pose from JSON File",
             category=CATEGORY,
             description="Read a keypoint JSON: a POSE_KEYPOINT dump, one frame, or an OpenPose *_keypoints.json.",
             inputs=[
@@ -149,7 +149,6 @@ class PoseFromJSON(io.ComfyNode):
                 PoseKeypoint.Output(display_name="pose", tooltip="POSE_KEYPOINT, normalised coordinates."),
                 io.Image.Output(display_name="preview", tooltip="Skeletons of frame 0."),
             ],
-            is_output_node=True,
         )
 
     @classmethod
@@ -171,7 +170,7 @@ class PoseFromImage(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InstantFamilyPoseFromImage",
-            display_name="Pose from Image, OpenPose (InstantFamily)",
+            display_name="InstantFamily Pose from Image (OpenPose)",
             category=CATEGORY,
             description="Detect everyone's pose with controlnet-aux's OpenPose. Needs body_pose_model.pth, "
                         "hand_pose_model.pth and facenet.pth in models/controlnet_aux.",
@@ -186,7 +185,6 @@ class PoseFromImage(io.ComfyNode):
                 PoseKeypoint.Output(display_name="pose", tooltip="POSE_KEYPOINT, one frame per image, normalised."),
                 io.Image.Output(display_name="preview", tooltip="Detected skeletons, one per image."),
             ],
-            is_output_node=True,
         )
 
     @classmethod
@@ -222,7 +220,7 @@ class PoseControl(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InstantFamilyPoseControl",
-            display_name="Pose Control + ID Masks (InstantFamily)",
+            display_name="InstantFamily Pose Control + ID Masks (multi person)",
             category=CATEGORY,
             description="OpenPose control image with a circle in each ID's colour at its face, and one mask "
                         "per ID (face box + margin), in ID order (paper sec. 4.2).",
@@ -232,7 +230,7 @@ class PoseControl(io.ComfyNode):
                                 tooltip="The stacked identities; their count is the number of IDs placed."),
                 io.Int.Input("id_count", default=2, min=0, max=64,
                              tooltip="Number of IDs to place when 'faces' is not connected."),
-                io.String.Input("order", default="left_to_right", tooltip=ORDER_TOOLTIP),
+                io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
                 FacesType.Input("scene_faces", optional=True,
                                 tooltip="Faces detected in the pose's own image: matched to people by position, "
                                         "their boxes replace the keypoint estimates (circles and masks)."),
@@ -251,13 +249,12 @@ class PoseControl(io.ComfyNode):
                 io.Mask.Output(display_name="id_masks", tooltip="MASK batch [N, H, W], mask n = ID n."),
                 io.Image.Output(display_name="mask_preview", tooltip="Masks tinted in ID colours over the control."),
             ],
-            is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, pose, id_count, order, frame, width, height, circle_scale, margin, mask_shape, feather,
+    def execute(cls, pose, id_count, person_ids, frame, width, height, circle_scale, margin, mask_shape, feather,
                 hands, face_keypoints, faces=None, scene_faces=None) -> io.NodeOutput:
-        f, hw, n, boxes, ids = _layout(pose, frame, width, height, faces, id_count, order, scene_faces)
+        f, hw, n, boxes, ids = _layout(pose, frame, width, height, faces, id_count, person_ids, scene_faces)
         control = render.render_control(f.people, ids, hw, face_boxes=boxes, circle_scale=circle_scale,
                                         hands=hands, face=face_keypoints)
         m = mask_core.id_masks(_id_boxes(boxes, ids, n), hw, margin, mask_shape, feather)
@@ -274,7 +271,7 @@ class IDMasks(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InstantFamilyIDMasks",
-            display_name="ID Masks (InstantFamily)",
+            display_name="InstantFamily ID Masks (identity regions)",
             category=CATEGORY,
             description="One mask per identity, in ID order, from pose face regions, from detected face "
                         "boxes, or from your own masks; rectangle or ellipse, optional feather.",
@@ -291,7 +288,7 @@ class IDMasks(io.ComfyNode):
                               tooltip="source = user masks: MASK batch [N, H, W] in ID order, canvas size."),
                 io.Int.Input("id_count", default=2, min=0, max=64,
                              tooltip="Number of IDs when 'faces' is not connected (source = pose)."),
-                io.String.Input("order", default="left_to_right", tooltip=ORDER_TOOLTIP),
+                io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
                 *_size_inputs(),
                 *_mask_inputs(),
             ],
@@ -299,13 +296,12 @@ class IDMasks(io.ComfyNode):
                 io.Mask.Output(display_name="id_masks", tooltip="MASK batch [N, H, W], mask n = ID n."),
                 io.Image.Output(display_name="mask_preview", tooltip="Masks tinted in ID colours."),
             ],
-            is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, source, id_count, order, width, height, margin, mask_shape, feather,
+    def execute(cls, source, id_count, person_ids, width, height, margin, mask_shape, feather,
                 pose=None, faces=None, masks=None) -> io.NodeOutput:
-        m = cls._build(source, id_count, order, width, height, margin, mask_shape, feather, pose, faces, masks)
+        m = cls._build(source, id_count, person_ids, width, height, margin, mask_shape, feather, pose, faces, masks)
         preview = _image_out(mask_core.mask_overlay(m))
         return io.NodeOutput(torch.from_numpy(m), preview, ui=ui.PreviewImage(preview, cls=cls))
 
@@ -341,7 +337,7 @@ class Kps5Control(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InstantFamilyKps5Control",
-            display_name="5-Keypoint Face Control (InstantFamily)",
+            display_name="InstantFamily 5-Keypoint Face Control",
             category=CATEGORY,
             description="InstantID-style image of the five face keypoints (eyes, nose, mouth corners) of "
                         "each identity, an alternative control to OpenPose.",
@@ -350,19 +346,18 @@ class Kps5Control(io.ComfyNode):
                 PoseKeypoint.Input("pose", optional=True,
                                    tooltip="When connected, each ID's keypoints are moved into the face of the "
                                            "person it is assigned to; otherwise drawn where they were detected."),
-                io.String.Input("order", default="left_to_right", tooltip=ORDER_TOOLTIP),
+                io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
                 *_size_inputs(),
             ],
             outputs=[io.Image.Output(display_name="kps_image", tooltip="Five-keypoint control image.")],
-            is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, faces, order, width, height, pose=None) -> io.NodeOutput:
+    def execute(cls, faces, person_ids, width, height, pose=None) -> io.NodeOutput:
         if faces is None or len(faces) == 0:
             raise ValueError("faces: no identities; detect at least one face first")
         if pose is not None:
-            f, hw, n, boxes, ids = _layout(pose, 0, width, height, faces, 0, order, None)
+            f, hw, n, boxes, ids = _layout(pose, 0, width, height, faces, 0, person_ids, None)
             pts = kps5.kps5_for_faces(list(faces), hw, _id_boxes(boxes, ids, n))
         else:
             src = faces[0].image_size

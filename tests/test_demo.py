@@ -246,15 +246,17 @@ def test_shipped_ui_workflows_are_the_api_files_and_up_to_date(comfy_headless, t
     and regenerating them changes nothing; each has a thumbnail."""
     import json
 
-    from instantfamily_nodes.demo import ui_format, workflows
+    from instantfamily_nodes.demo import ui_format, workflow_files, workflows
 
-    written = ui_format.export_all(out_dir=tmp_path)
+    written = workflow_files.export_all(out_dir=tmp_path)
+    shipped = sorted(p.name for p in workflows.WORKFLOW_DIR.glob("*.json"))
+    assert shipped == sorted(p.name for p in written if p.suffix == ".json"), "stale or extra UI files"
     for name in workflows.list_workflows():
-        shipped_ui = workflows.WORKFLOW_DIR / f"{name}.json"
-        assert shipped_ui.is_file() and (workflows.WORKFLOW_DIR / f"{name}.jpg").is_file(), name
+        shipped_ui = workflow_files.ui_path(name)
+        assert shipped_ui.is_file() and shipped_ui.with_suffix(".jpg").is_file(), name
         ui = json.loads(shipped_ui.read_text())
-        assert ui == json.loads((tmp_path / f"{name}.json").read_text()), \
-            f"{name}: run python -m instantfamily_nodes.demo.ui_format to refresh the UI file"
+        assert ui == json.loads(workflow_files.ui_path(name, tmp_path).read_text()), \
+            f"{name}: run python -m instantfamily_nodes.demo.workflow_files to refresh the UI file"
         assert ui_format.ui_to_api(ui) == workflows.load_workflow(name)
         assert workflows.load_workflow(shipped_ui) == workflows.load_workflow(name)  # UI files run too
     assert {p.suffix for p in written} == {".json", ".jpg"}
@@ -274,6 +276,10 @@ def test_ui_conversion_handles_seeds_uploads_notes_and_reroutes(comfy_headless):
     ui = ui_format.api_to_ui(prompt)
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert nodes[1]["widgets_values"] == ["a.png", "image"]
+    # the upload button's value comes after ALL widgets (the frontend adds it last): channel stays 2nd
+    mask_ui = ui_format.api_to_ui({"1": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}}})
+    assert mask_ui["nodes"][0]["widgets_values"] == ["m.png", "red", "image"]
+    assert ui_format.ui_to_api(mask_ui)["1"]["inputs"] == {"image": "m.png", "channel": "red"}
     assert nodes[4]["widgets_values"][:2] == [7, "fixed"]
     # a note and a reroute between the latent and the sampler
     ui["nodes"].append({"id": 9, "type": "Note", "widgets_values": ["hello"], "inputs": [], "outputs": []})

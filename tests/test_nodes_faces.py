@@ -77,7 +77,7 @@ def test_insightface_loader_and_encode_node(faces_nodes, pack):
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
     try:
         faces, preview = run_node(faces_nodes.EncodeFaces, face_encoder=encoder, images=_to_tensor(a, b),
-                                  faces_per_image="all", order="left_to_right", index_list="",
+                                  faces_per_image="all", id_order="left_to_right", index_list="",
                                   images_2=_to_tensor(c))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
@@ -94,7 +94,7 @@ def test_insightface_loader_and_encode_node(faces_nodes, pack):
         assert tuple(px) == id_color(n)
 
     picked, _ = run_node(faces_nodes.EncodeFaces, face_encoder=encoder, images=_to_tensor(a), faces_per_image="auto",
-                         order="index_list", index_list="1, 0")
+                         id_order="index_list", index_list="1, 0")
     assert picked[0].center[0] > picked[1].center[0]
 
 
@@ -120,11 +120,11 @@ def test_dlib_loader_and_encode_node_on_a_real_photo(faces_nodes):
     (encoder,) = run_node(faces_nodes.FaceEncoderLoader, backend="dlib", model_name="antelopev2", provider="auto",
                           det_sizes="640")
     faces, preview = run_node(faces_nodes.EncodeFaces, face_encoder=encoder, images=_to_tensor(photo),
-                              faces_per_image="auto", order="left_to_right", index_list="")
+                              faces_per_image="auto", id_order="left_to_right", index_list="")
     assert len(faces) == 1 and faces.encoder == "dlib" and faces[0].local is None
     assert tuple(preview.shape) == (1, *photo.shape)
     from instantfamily_nodes.models.faces.errors import NoFaceError
 
     with pytest.raises(NoFaceError, match="image 2 of 2"):
         run_node(faces_nodes.EncodeFaces, face_encoder=encoder, images=_to_tensor(photo, np.zeros_like(photo)),
-                 faces_per_image="auto", order="left_to_right", index_list="")
+                 faces_per_image="auto", id_order="left_to_right", index_list="")

@@ -42,7 +42,7 @@ def id_faces(n):
     return Faces([make_face([80, 70, 176, 190], (256, 256)) for _ in range(n)], encoder="test")
 
 
-CONTROL_DEFAULTS = dict(id_count=2, order="left_to_right", frame=0, width=0, height=0, circle_scale=0.2,
+CONTROL_DEFAULTS = dict(id_count=2, person_ids="left_to_right", frame=0, width=0, height=0, circle_scale=0.2,
                         margin=0.25, mask_shape="rect", feather=0, hands=False, face_keypoints=False)
 
 
@@ -61,7 +61,7 @@ def test_template_and_faces_give_control_and_masks_that_agree(pn):
     pose, preview = pn.PoseTemplate.execute("4_family").args
     assert isinstance(pose, list) and len(pose[0]["people"]) == 4
     assert preview.shape == (1, 512, 768, 3)
-    out = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "order": "3,1,0,2"}, faces=id_faces(4))
+    out = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "person_ids": "3,1,0,2"}, faces=id_faces(4))
     control, m, overlay = out.args
     assert control.shape == (1, 512, 768, 3) and control.dtype == torch.float32
     assert m.shape == (4, 512, 768) and overlay.shape == (1, 512, 768, 3)
@@ -145,9 +145,9 @@ def test_pose_from_image_without_weights_names_the_files_and_folder(pn, tmp_path
 
 def test_id_masks_node_sources_and_errors(pn):
     pose, _ = pn.PoseTemplate.execute("2_standing_duo").args
-    common = dict(id_count=2, order="1,0", width=0, height=0, margin=0.25, mask_shape="ellipse", feather=2)
+    common = dict(id_count=2, person_ids="1,0", width=0, height=0, margin=0.25, mask_shape="ellipse", feather=2)
     m_pose, prev = pn.IDMasks.execute("pose", **common, pose=pose).args
-    ctl_m = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "order": "1,0", "mask_shape": "ellipse",
+    ctl_m = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "person_ids": "1,0", "mask_shape": "ellipse",
                                             "feather": 2}).args[1]
     assert torch.equal(m_pose, ctl_m)        # both nodes agree on the masks
     assert prev.shape == (1, 512, 768, 3)
@@ -207,10 +207,14 @@ def test_template_to_control_graph_runs_in_comfyui(pn):
     prompt = {
         "1": {"class_type": "InstantFamilyPoseTemplate", "inputs": {"template": "7_group"}},
         "2": {"class_type": "InstantFamilyPoseControl",
-              "inputs": {"pose": ["1", 0], **{**CONTROL_DEFAULTS, "id_count": 4, "order": "-,0,1,-,2,3"}}},
+              "inputs": {"pose": ["1", 0], **{**CONTROL_DEFAULTS, "id_count": 4, "person_ids": "-,0,1,-,2,3"}}},
     }
+    # the pose nodes are not output nodes (an incomplete graph must fail, not run just the pose branch)...
+    assert asyncio.run(execution.validate_prompt("t0", prompt, None))[1]["type"] == "prompt_no_outputs"
+    prompt["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
     valid = asyncio.run(execution.validate_prompt("t1", prompt, None))
-    assert valid[0] is True, valid
+    assert valid[0] is True and valid[2] == ["3"], valid
+    # ...and their previews still show when the graph runs
     ex = execution.PromptExecutor(_Server())
     ex.execute(prompt, "t1", {}, valid[2])
     assert ex.success, ex.status_messages
