@@ -34,7 +34,8 @@ class IdentityBinding:
     """Which identities a context holds, where each may act, how strongly, and when.
 
     The IDs act while ``sigma_end <= sigma <= sigma_start``; outside that window the layer attends
-    to the text tokens only, exactly as the unpatched model would.
+    to the text tokens only, exactly as the unpatched model would (plus the per-person prompts, each
+    in its region, when the layout has any: those are text, not identity).
     """
 
     layout: TokenLayout
@@ -111,12 +112,16 @@ class MaskedCrossAttention(nn.Module):
                 f"{layout.describe()} = {layout.total}. Build positive and negative with the same "
                 "InstantFamily Embedding Stack, and do not combine them with other conditioning"
             )
+        masks = binding.masks
         if not binding.active(_current_sigma(options)):
-            return self.inner(x, context=context[:, layout.text_slice], transformer_options=options)
+            if not layout.has_prompts:
+                return self.inner(x, context=context[:, layout.text_slice], transformer_options=options)
+            # The window is the identities'; person prompts act in every step, like the shared prompt.
+            masks = masks.ids_off()
 
         grid = _grid(options, x)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        out = masked_attention(q, k, v, self.heads, layout, binding.masks, grid, binding.mode, binding.kernel)
+        out = masked_attention(q, k, v, self.heads, layout, masks, grid, binding.mode, binding.kernel)
         return self.to_out(out)
 
 

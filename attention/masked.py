@@ -1,7 +1,9 @@
 """Masked cross-attention (InstantFamily eq. 6-7): one implementation for the UNet patch, the
 ControlNet patch and the trainer.
 
-Text tokens are visible to every pixel; the tokens of ID n only to pixels inside mask n.
+Text tokens are visible to every pixel; the tokens of ID n only to pixels inside mask n, and the
+tokens of person p's prompt only to pixels inside region p. Each such block is a token group
+(``TokenLayout.groups``) with its own mask; everything below treats the groups alike.
 
 - ``hard`` (default): masked logits get a large finite negative bias, so masked tokens receive no
   attention at all. The bias is additive, so it runs through torch's fused
@@ -9,8 +11,9 @@ Text tokens are visible to every pixel; the tokens of ID n only to pixels inside
   Two kernels compute it, both exact: ``dense`` (SDPA over the whole context with the additive
   mask; used on CUDA, where the fused kernels take the mask for free) and ``regional`` (used on CPU
   when the masks are shared by the batch): text attention over every pixel, plus each ID's tokens
-  attended only from the pixels inside its mask, merged through their log-sum-exps. Its cost is that
-  of text-only attention plus the face area, whatever N is.
+  attended only from the pixels inside its mask (and each person prompt from the pixels of its
+  region), merged through their log-sum-exps. Its cost is that of text-only attention plus the face
+  (and region) area, whatever N is.
   Training: the regional kernel is differentiable. When autograd records (grad enabled and an input
   requires grad) each part's log-sum-exp comes from materialised logits (the fused CPU kernel's
   log-sum-exp carries no gradient) and the merge is out of place; without grad the fused kernel and
@@ -63,8 +66,9 @@ def _check_inputs(q, k, v, heads: int, layout: TokenLayout, masks: IDMasks | Non
     h, w = grid
     if h * w != q.shape[1]:
         raise ValueError(f"q has {q.shape[1]} query pixels but the latent grid {h}x{w} has {h * w}")
-    if layout.n_ids and masks is None:
-        raise ValueError(f"the context holds {layout.n_ids} identities but no ID masks were given")
+    if layout.groups and masks is None:
+        raise ValueError(f"the context holds {layout.n_ids} identities and {layout.n_prompts} person prompts "
+                         "but no ID masks were given")
     if masks is not None and masks.batch not in (1, q.shape[0]):
         raise ValueError(f"ID masks are given for a batch of {masks.batch} but attention runs on a "
                          f"batch of {q.shape[0]}; give (N, H, W) masks shared by all, or one set per sample")
@@ -95,7 +99,7 @@ def masked_attention(
     check_mode(mode)
     _check_inputs(q, k, v, heads, layout, masks, grid)
     qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
-    if layout.n_ids == 0:
+    if not layout.groups:
         return merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
     masks.check_layout(layout)
     if masks.trivial:
@@ -177,15 +181,15 @@ def _paper_regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid
     work = merged.out.dtype
     q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
     inside, outside, where = masks.paper_regions(layout, *grid, q.device)
-    for n, idx, m, log_s in inside:
-        ids = layout.id_slice(n)
+    for tokens, idx, m, log_s in inside:
         q_in = q_rows[:, idx] * m.to(q.dtype)[:, None, None]
-        o_n, l_n = _part_attention(q_in.transpose(1, 2), k[:, :, ids], v[:, :, ids], grad)
+        o_n, l_n = _part_attention(q_in.transpose(1, 2), k[:, :, tokens], v[:, :, tokens], grad)
         merged.add(idx, o_n.transpose(1, 2).to(work), l_n.transpose(1, 2).to(work) + log_s)
     if where.numel():
         b, h, _, d = v.shape
-        mean_v = v[:, :, layout.ids_slice].to(work).reshape(b, h, layout.n_ids, layout.id_width, d).mean(3)
-        weight = outside[where].to(work)                       # (P, N): tokens * strength, 0 inside
+        # The mean value of each group's tokens (groups differ in length: one mean per group).
+        mean_v = torch.stack([v[:, :, g.tokens].to(work).mean(2) for g in layout.groups], dim=2)  # (B, H, G, d)
+        weight = outside[where].to(work)                       # (P, G): tokens * strength, 0 inside
         total = weight.sum(-1)                                 # (P,)
         o_out = torch.einsum("pn,bhnd->bphd", weight / total[:, None], mean_v)
         merged.add(where, o_out, total.log()[None, :, None].expand(b, -1, h))
@@ -193,9 +197,10 @@ def _paper_regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid
 
 
 def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
-    """Hard mode as text attention everywhere + ID n's attention inside mask n, merged exactly.
+    """Hard mode as text attention everywhere + each token group's attention inside its mask (ID n in
+    face mask n, person p's prompt in region p), merged exactly.
 
-    With per-part outputs o_p and log-sum-exps l_p (l_n already carrying log(strength * mask)),
+    With per-part outputs o_p and log-sum-exps l_p (l_g already carrying log(strength * mask)),
     softmax over the union is sum_p exp(l_p) o_p / sum_p exp(l_p); merging one ID at a time keeps
     a running log-sum-exp, so overlapping masks just merge twice.
     """
@@ -204,9 +209,8 @@ def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> t
     merged = _Merger(*_part_attention(q, k[:, :, text], v[:, :, text], grad), differentiable=grad)
     work = merged.out.dtype
     q_rows = q.transpose(1, 2)                                 # (B, Q, H, d)
-    for n, idx, log_w in masks.regions(*grid, q.device, work):
-        ids = layout.id_slice(n)
-        o_n, l_n = _part_attention(q_rows[:, idx].transpose(1, 2), k[:, :, ids], v[:, :, ids], grad)
+    for tokens, idx, log_w in masks.regions_for(layout, *grid, q.device, work):
+        o_n, l_n = _part_attention(q_rows[:, idx].transpose(1, 2), k[:, :, tokens], v[:, :, tokens], grad)
         merged.add(idx, o_n.transpose(1, 2).to(work), l_n.transpose(1, 2).to(work) + log_w[:, None])
     return merged.result(q.dtype)
 
@@ -214,7 +218,7 @@ def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> t
 def _paper_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:
     """softmax(M * QK^T / sqrt(d) + log strength) V, in float32 (float64 for float64 inputs), chunked
     over query pixels. Out of place under autograd (the chunks are concatenated, not written into)."""
-    m, strength_bias = masks.paper_terms(layout, *grid, q.device)    # (B|1, 1, Q, N*W), (B|1, 1, 1, N*W)
+    m, strength_bias = masks.paper_terms(layout, *grid, q.device)    # (B|1, 1, Q, K-T), (B|1, 1, 1, K-T)
     b, heads, n_q, d = q.shape
     scale = d ** -0.5
     work = torch.promote_types(q.dtype, torch.float32)

@@ -23,29 +23,54 @@ def resize_area(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
-def reference_attention(q, k, v, heads, text_len, tokens_per_id, masks, grid, mode, strength=None):
-    """q (B, Q, H*d), k/v (B, T + N*tokens, H*d), masks (N, Hi, Wi) or (B, N, Hi, Wi) -> (B, Q, H*d)."""
+def _broadcast_masks(masks, B):
+    masks = np.asarray(masks, dtype=np.float64)
+    if masks.ndim == 3:
+        masks = np.broadcast_to(masks[None], (B,) + masks.shape)
+    return masks
+
+
+def mask_matrices(B, Q, K, text_len, tokens_per_id, masks, grid, strength=None,
+                  prompt_lens=(), regions=None, region_strength=None):
+    """M[b, i, j]: the mask value of key token j at pixel i (1 for text), eq. 7; S[b, j]: the strength
+    of key token j (1 for text). Key columns, in order: text_len text tokens, N blocks of tokens_per_id
+    ID tokens (face mask n), then one block of prompt_lens[p] tokens per person p (region mask p)."""
+    h, w = grid
+    n_ids = (K - text_len - sum(prompt_lens)) // tokens_per_id if tokens_per_id else 0
+    M = np.ones((B, Q, K))
+    S = np.ones((B, K))
+    if n_ids:
+        masks = _broadcast_masks(masks, B)
+        s = np.ones((B, n_ids)) if strength is None else np.broadcast_to(np.asarray(strength, np.float64), (B, n_ids))
+        for b in range(B):
+            for n in range(n_ids):
+                cols = slice(text_len + n * tokens_per_id, text_len + (n + 1) * tokens_per_id)
+                M[b, :, cols] = resize_area(masks[b, n], h, w).reshape(Q)[:, None]
+                S[b, cols] = s[b, n]
+    if len(prompt_lens):
+        regions = _broadcast_masks(regions, B)
+        P = len(prompt_lens)
+        rs = np.ones((B, P)) if region_strength is None else np.broadcast_to(np.asarray(region_strength, np.float64), (B, P))
+        for b in range(B):
+            start = text_len + n_ids * tokens_per_id
+            for p in range(P):
+                cols = slice(start, start + prompt_lens[p])
+                M[b, :, cols] = resize_area(regions[b, p], h, w).reshape(Q)[:, None]
+                S[b, cols] = rs[b, p]
+                start += prompt_lens[p]
+    return M, S
+
+
+def reference_attention(q, k, v, heads, text_len, tokens_per_id, masks, grid, mode, strength=None,
+                        prompt_lens=(), regions=None, region_strength=None):
+    """q (B, Q, H*d), k/v (B, T + N*tokens + sum(prompt_lens), H*d), masks (N, Hi, Wi) or (B, N, Hi, Wi),
+    regions (P, Hr, Wr) or (B, P, Hr, Wr) -> (B, Q, H*d)."""
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     B, Q, width = q.shape
     K = k.shape[1]
     d = width // heads
-    h, w = grid
-    n_ids = (K - text_len) // tokens_per_id
-    masks = np.asarray(masks, dtype=np.float64)
-    if masks.ndim == 3:
-        masks = np.broadcast_to(masks[None], (B,) + masks.shape)
-    s = np.ones((B, n_ids)) if strength is None else np.broadcast_to(np.asarray(strength, np.float64), (B, n_ids))
-
-    # M[b, i, j]: the mask value of key token j at pixel i (1 for text), eq. 7.
-    M = np.ones((B, Q, K))
-    S = np.zeros((B, K))  # strength per key token
-    for b in range(B):
-        for n in range(n_ids):
-            lat = resize_area(masks[b, n], h, w).reshape(Q) if n_ids else None
-            cols = slice(text_len + n * tokens_per_id, text_len + (n + 1) * tokens_per_id)
-            M[b, :, cols] = lat[:, None]
-            S[b, cols] = s[b, n]
-    S[:, :text_len] = 1.0
+    M, S = mask_matrices(B, Q, K, text_len, tokens_per_id, masks, grid, strength,
+                         prompt_lens, regions, region_strength)
 
     qh = q.reshape(B, Q, heads, d)
     kh = k.reshape(B, K, heads, d)
@@ -65,7 +90,8 @@ def reference_attention(q, k, v, heads, text_len, tokens_per_id, masks, grid, mo
     return out.reshape(B, Q, width), p
 
 
-def reference_attention_torch(q, k, v, heads, text_len, tokens_per_id, masks, grid, mode, strength=None):
+def reference_attention_torch(q, k, v, heads, text_len, tokens_per_id, masks, grid, mode, strength=None,
+                              prompt_lens=(), regions=None, region_strength=None):
     """The same eq. 6-7 reference in torch float64 with autograd, for gradient checks: mask resizing
     and the M / S matrices come from the numpy code above, the attention itself is recorded by autograd.
     q, k, v: float64 tensors (requires_grad as the caller wants)."""
@@ -74,19 +100,8 @@ def reference_attention_torch(q, k, v, heads, text_len, tokens_per_id, masks, gr
     B, Q, width = q.shape
     K = k.shape[1]
     d = width // heads
-    h, w = grid
-    n_ids = (K - text_len) // tokens_per_id
-    masks = np.asarray(masks, dtype=np.float64)
-    if masks.ndim == 3:
-        masks = np.broadcast_to(masks[None], (B,) + masks.shape)
-    s = np.ones((B, n_ids)) if strength is None else np.broadcast_to(np.asarray(strength, np.float64), (B, n_ids))
-    M = np.ones((B, Q, K))
-    S = np.ones((B, K))
-    for b in range(B):
-        for n in range(n_ids):
-            cols = slice(text_len + n * tokens_per_id, text_len + (n + 1) * tokens_per_id)
-            M[b, :, cols] = resize_area(masks[b, n], h, w).reshape(Q)[:, None]
-            S[b, cols] = s[b, n]
+    M, S = mask_matrices(B, Q, K, text_len, tokens_per_id, masks, grid, strength,
+                         prompt_lens, regions, region_strength)
     M_t = torch.from_numpy(M)[:, None]                  # (B, 1, Q, K)
     with np.errstate(divide="ignore"):
         logS = torch.from_numpy(np.log(S))[:, None, None, :]
