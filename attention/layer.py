@@ -98,7 +98,9 @@ class MaskedCrossAttention(nn.Module):
             if scoped is not None:
                 binding = scoped.get(OPTIONS_KEY)
                 options = {**scoped, **options}
-        if binding is None or context is None or value is not None or mask is not None:
+        # ``value``: ComfyUI passes it (= the context, or what an attn2_patch made of it) whenever an
+        # attn2_patch is set; the masked attention takes it, so such patches compose with the IDs.
+        if binding is None or context is None or mask is not None:
             return self.inner(x, context=context, value=value, mask=mask, transformer_options=options)
 
         layout = binding.layout
@@ -106,7 +108,7 @@ class MaskedCrossAttention(nn.Module):
         if n_tokens != layout.total:
             if n_tokens % TEXT_CHUNK == 0:
                 # A text-only context (another conditioning in the same graph): plain attention.
-                return self.inner(x, context=context, transformer_options=options)
+                return self.inner(x, context=context, value=value, transformer_options=options)
             raise ValueError(
                 f"cross-attention context has {n_tokens} tokens, but the identity stack is laid out as "
                 f"{layout.describe()} = {layout.total}. Build positive and negative with the same "
@@ -115,12 +117,14 @@ class MaskedCrossAttention(nn.Module):
         masks = binding.masks
         if not binding.active(_current_sigma(options)):
             if not layout.has_prompts:
-                return self.inner(x, context=context[:, layout.text_slice], transformer_options=options)
+                return self.inner(x, context=context[:, layout.text_slice],
+                                  value=None if value is None else value[:, layout.text_slice],
+                                  transformer_options=options)
             # The window is the identities'; person prompts act in every step, like the shared prompt.
             masks = masks.ids_off()
 
         grid = _grid(options, x)
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context if value is None else value)
         out = masked_attention(q, k, v, self.heads, layout, masks, grid, binding.mode, binding.kernel)
         return self.to_out(out)
 
