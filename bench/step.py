@@ -14,7 +14,6 @@ Needs ComfyUI: $COMFYUI_PATH, two folders above the pack, or /opt/ComfyUI.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import grid_face_masks, machine, markdown_table, peak_memory, time_interleaved, write_results  # noqa: E402
 
-PACK = Path(__file__).resolve().parent.parent
+from instantfamily_nodes.comfy_path import find_comfyui  # noqa: E402
+
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
@@ -32,13 +32,6 @@ SD15_UNET = {
     "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
     "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
 }
-
-
-def find_comfyui() -> Path:
-    for c in (os.environ.get("COMFYUI_PATH"), PACK.parent.parent, "/opt/ComfyUI"):
-        if c and (Path(c) / "comfy" / "model_patcher.py").is_file():
-            return Path(c)
-    sys.exit("ComfyUI not found: set COMFYUI_PATH")
 
 
 def build(device: str):
@@ -154,7 +147,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image size (default 256 on CPU, 512 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="N in {1, 4} only")
     args = ap.parse_args()
-    sys.path.insert(0, str(find_comfyui()))
+    try:
+        sys.path.insert(0, str(find_comfyui()))
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.device == "cpu"

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..comfy_path import find_comfyui
+
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "instantfamily_nodes"
 CPU_SERVER_FLAGS = ("--cpu", "--use-pytorch-cross-attention", "--disable-api-nodes",
@@ -32,26 +34,6 @@ CPU_SERVER_FLAGS = ("--cpu", "--use-pytorch-cross-attention", "--disable-api-nod
 
 class WorkflowError(RuntimeError):
     """A workflow that ComfyUI refused or that failed while running; the message names the node."""
-
-
-# ---------------------------------------------------------------- finding ComfyUI
-
-def find_comfyui(explicit: str | os.PathLike | None = None) -> Path:
-    """ComfyUI's folder: ``explicit``, else $COMFYUI_PATH, else two folders above the pack
-    (``ComfyUI/custom_nodes/<pack>``), else /opt/ComfyUI. Raises with what was tried."""
-    tried: list[Path] = []
-    cands = [Path(explicit)] if explicit else []
-    if not explicit and os.environ.get("COMFYUI_PATH"):
-        cands.append(Path(os.environ["COMFYUI_PATH"]))
-    if not explicit:
-        cands += [PACK_ROOT.parent.parent, Path("/opt/ComfyUI")]
-    for c in cands:
-        tried.append(c)
-        if (c / "comfy" / "model_patcher.py").is_file() and (c / "main.py").is_file():
-            return c.resolve()
-    raise FileNotFoundError(
-        "ComfyUI not found (tried " + ", ".join(str(t) for t in tried) + "); pass --comfyui PATH or set "
-        "COMFYUI_PATH to the folder holding ComfyUI's main.py")
 
 
 def pack_custom_nodes_dir() -> Path:
