@@ -43,7 +43,11 @@ def test_object_info_lists_every_pack_node_with_input_tooltips(server):
                 opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 if not opts.get("tooltip"):
                     untipped.append(f"{nid}.{name}")
-    assert not untipped, f"inputs without a tooltip: {untipped}"
+        tips = node.get("output_tooltips") or []
+        untipped += [f"{nid} output {i}" for i in range(len(node["output"])) if i >= len(tips) or not tips[i]]
+        # one naming scheme, so the pack's nodes sort together and are found by "InstantFamily"
+        assert node["display_name"].startswith("InstantFamily "), node["display_name"]
+    assert not untipped, f"inputs/outputs without a tooltip: {untipped}"
 
 
 @pytest.mark.parametrize("name", ["4_people_pose_template"])
@@ -76,10 +80,13 @@ def test_invalid_prompt_is_refused_with_the_node_named(server):
 
 
 def test_template_browser_lists_the_shipped_workflows(server):
-    from instantfamily_nodes.demo import headless, workflows
+    from urllib.parse import quote
+
+    from instantfamily_nodes.demo import headless, workflow_files, workflows
 
     listed = server.get("/workflow_templates")
-    assert sorted(listed.get(headless.PACK_NAME, [])) == workflows.list_workflows()
-    for name in workflows.list_workflows():
-        ui = server.get(f"/api/workflow_templates/{headless.PACK_NAME}/{name}.json")
-        assert ui["nodes"] and ui["links"]
+    titles = sorted(workflow_files.title(n) for n in workflows.list_workflows())
+    assert sorted(listed.get(headless.PACK_NAME, [])) == titles
+    for title in titles:
+        ui = server.get(f"/api/workflow_templates/{headless.PACK_NAME}/{quote(title)}.json")
+        assert ui["nodes"] and ui["links"] and ui["groups"]
