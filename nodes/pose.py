@@ -10,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..pose import assign, detect, faceboxes, keypoints, kps5, render, templates
 from ..pose import masks as mask_core
+from ..pose.canvas import fit_canvas
 
 PoseKeypoint = io.Custom("POSE_KEYPOINT")
 FacesType = io.Custom("INSTANTFAMILY_FACES")
@@ -50,9 +51,8 @@ def _frames(pose, frame: int = 0) -> keypoints.PoseFrame:
 
 
 def _canvas(frame: keypoints.PoseFrame, width: int, height: int) -> tuple[int, int]:
-    """Canvas (H, W): the pose's own size unless width/height are set (both or each alone)."""
-    h, w = frame.canvas_hw
-    return (int(height) if height > 0 else h, int(width) if width > 0 else w)
+    """Canvas (H, W): the pose's own size, or width/height of the same aspect (pose/canvas.py)."""
+    return fit_canvas(frame.canvas_hw, width, height, "the pose's canvas")
 
 
 def _n_ids(faces, id_count: int) -> int:
@@ -318,7 +318,7 @@ class IDMasks(io.ComfyNode):
             if faces is None or len(faces) == 0:
                 raise ValueError("source 'face boxes' needs 'faces' with at least one face")
             src = faces[0].image_size
-            hw = (height or src[0], width or src[1])
+            hw = fit_canvas(src, width, height, "the faces' photo")
             boxes = [faceboxes.box_in_canvas(f.box, f.image_size, hw) for f in faces]
             return mask_core.id_masks(boxes, hw, margin, shape, feather)
         if source == "user masks":
@@ -361,7 +361,7 @@ class Kps5Control(io.ComfyNode):
             pts = kps5.kps5_for_faces(list(faces), hw, _id_boxes(boxes, ids, n))
         else:
             src = faces[0].image_size
-            hw = (height or src[0], width or src[1])
+            hw = fit_canvas(src, width, height, "the faces' photo")
             pts = kps5.kps5_for_faces(list(faces), hw)
         img = _image_out(kps5.render_kps5(pts, hw))
         return io.NodeOutput(img, ui=ui.PreviewImage(img, cls=cls))

@@ -90,8 +90,8 @@ def test_template_and_faces_give_control_and_masks_that_agree(pn):
 
 def test_control_on_a_non_square_canvas_and_more_ids_than_people(pn):
     pose, _ = pn.PoseTemplate.execute("2_standing_duo").args
-    control, m, _ = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 384, "height": 640}).args
-    assert control.shape == (1, 640, 384, 3) and m.shape == (2, 640, 384)
+    control, m, _ = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 384, "height": 256}).args
+    assert control.shape == (1, 256, 384, 3) and m.shape == (2, 256, 384)
     with pytest.raises(ValueError, match="3 identities but the pose has only 2 people"):
         pn.PoseControl.execute(pose, **CONTROL_DEFAULTS, faces=id_faces(3))
     empty = [{"people": [], "canvas_width": 512, "canvas_height": 512}]
@@ -228,3 +228,25 @@ def test_template_to_control_graph_runs_in_comfyui(pn):
     assert not ex2.success
     errors = [m[1] for m in ex2.status_messages if m[0] == "execution_error"]
     assert errors and "mask shape must be one of ('rect', 'ellipse'), got 'star'" in errors[0]["exception_message"]
+
+
+def test_a_canvas_of_another_aspect_is_refused_not_stretched(pn):
+    """Issue 9, defect 2: width/height of another aspect than the pose (or the faces' photo) used to
+    stretch the people onto the canvas; now it is an error naming both sizes. One side alone follows
+    the source's aspect."""
+    pose, _ = pn.PoseTemplate.execute("2_standing_duo").args          # a 768x512 canvas
+    with pytest.raises(ValueError, match=r"the pose's canvas is 768x512 \(WxH\) but the requested canvas is 384x640"):
+        pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 384, "height": 640})
+    common = dict(id_count=2, person_ids="left_to_right", width=512, height=512, margin=0.25, mask_shape="rect",
+                  feather=0)
+    with pytest.raises(ValueError, match=r"768x512 \(WxH\) but the requested canvas is 512x512"):
+        pn.IDMasks.execute("pose", **common, pose=pose)
+    faces = Faces([make_face([100, 50, 200, 170], (512, 768))])
+    with pytest.raises(ValueError, match=r"the faces' photo is 768x512 \(WxH\) but the requested canvas is 512x512"):
+        pn.IDMasks.execute("face boxes", **common, faces=faces)
+    with pytest.raises(ValueError, match=r"768x512 \(WxH\) but the requested canvas is 512x512"):
+        pn.Kps5Control.execute(faces, "left_to_right", 512, 512)
+    control, m, _ = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 0, "height": 256}).args
+    assert control.shape == (1, 256, 384, 3) and m.shape == (2, 256, 384)
+    control, m, _ = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 1152, "height": 0}).args
+    assert m.shape == (2, 768, 1152)
