@@ -703,10 +703,10 @@ def _run_tasks(tasks, shard_of, last_of, cfg, args, out, rank, part, caches, cap
 
 
 def run(args: argparse.Namespace) -> int:
-    from .captioner import CaptionerError
-    from .caches import CheckpointError
     from ..models.faces.errors import FaceEncodingError
     from ..pose.detect import OpenPoseWeightsMissing
+    from .caches import CheckpointError
+    from .captioner import CaptionerError
 
     started = time.perf_counter()
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ def list_manifest(path: Path) -> Listing:
         p = Path(str(row.get("path") or ""))
         p = p if p.is_absolute() else base / p
         caption = row.get("caption")
-        caption = None if caption is None or (isinstance(caption, float) and caption != caption) else str(caption)
+        # pandas-written files give NaN for an empty caption cell
+        caption = None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
         pose = row.get("pose")
         side = _sidecars(p)
         problem = "" if p.is_file() else "file not found"
