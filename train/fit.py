@@ -374,6 +374,25 @@ def train_step(ddp: Any, model: Any, optimizer: torch.optim.Optimizer, scheduler
 
 # ---------------------------------------------------------------- the loop
 
+def setup_comfy(cfg: TrainConfig, device: torch.device) -> None:
+    """ComfyUI's model code importable (found like the tests find it), in CPU mode without CUDA; the pack's
+    tiny test checkpoints (demo/tiny.py, recognised by their metadata) get their model type registered."""
+    try:
+        import comfy  # noqa: F401
+    except ImportError:
+        from ..comfy_path import find_comfyui
+
+        sys.path.insert(0, str(find_comfyui()))
+    import comfy.cli_args
+
+    if device.type != "cuda":
+        comfy.cli_args.args.cpu = True
+    from ..demo.tiny import is_tiny_checkpoint, register_tiny_model_type
+
+    if cfg.checkpoint and is_tiny_checkpoint(cfg.checkpoint):
+        register_tiny_model_type()
+
+
 def _resolve_resume(cfg: TrainConfig, resume: bool | str | None) -> Path | None:
     if not resume:
         return None
@@ -415,6 +434,7 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
     if model is None:
         if not cfg.checkpoint:
             raise ConfigError("config key 'checkpoint' is empty: set the SD1.5 checkpoint (.safetensors) to train on")
+        setup_comfy(cfg, dist.device)
         from .model import TrainModel
 
         model = TrainModel.build(cfg, manifest, dist.device)
