@@ -343,6 +343,9 @@ def test_clear_errors(tmp_path, synthetic_root, capsys):
     assert run_prepare("--input", tmp_path / "flat", "--out", tmp_path / "o4", "--face-encoder", "dlib",
                        "--workers", 0, "--captioner", tmp_path / "no_such_model") == 2
     assert "--captioner" in capsys.readouterr().err
+    assert run_prepare("--input", tmp_path / "flat", "--out", tmp_path / "o7", "--face-encoder", "dlib",
+                       "--workers", 0, "--openpose", tmp_path / "no_weights") == 2
+    assert "body_pose_model.pth" in capsys.readouterr().err
     (tmp_path / "fake_model").mkdir()
     (tmp_path / "fake_model" / "config.json").write_text("{}")
     assert run_prepare("--input", tmp_path / "flat", "--out", tmp_path / "o5", "--face-encoder", "dlib",

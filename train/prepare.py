@@ -519,6 +519,10 @@ def prepare(args: argparse.Namespace) -> int:
 
     if cfg.face_encoder != "dlib" and args.workers > 0:
         build_encoder_check(cfg)    # a missing model folder is reported now, not by every worker
+    if cfg.openpose:
+        from ..pose.detect import find_openpose_dir
+
+        find_openpose_dir([cfg.openpose])
     listing = list_input(args.input)
     items = listing.items
     settings = {"resolution": cfg.resolution, "min_size": cfg.min_size, "shard_size": args.shard_size,
