@@ -15,6 +15,7 @@ from ..attention.layer import IdentityBinding
 from ..models.id_stack import IDStack, load_id_stack, project_faces, save_id_stack
 from ..models.projection import stack_context
 from ..models.weights import WeightFile, load_weights
+from ..pose.canvas import check_same_aspect
 from .faces import FACES
 from .patching import InstantFamilyControlNet, load_controlnet, patch_unet
 
@@ -301,6 +302,11 @@ class Apply(io.ComfyNode):
                                  "InstantFamily ControlNet Loader")
             if image is None:
                 raise ValueError("image: a control_net was given without its control image")
+            # ComfyUI centre-crops the control image to the latent while the masks are scaled: with
+            # another aspect the pose and the masks would no longer cover the same people.
+            check_same_aspect(tuple(masks.shape[-2:]), tuple(image.shape[1:3]), "masks", "image",
+                              "Make the control image and the masks at the same size (one Pose Control node "
+                              "gives both)")
             import nodes
 
             positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(

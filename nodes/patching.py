@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import comfy.controlnet
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models
 import torch
 
 from ..attention.layer import OPTIONS_KEY, IdentityBinding, binding_scope, install_layers, wrap_cross_attention
+from ..pose.canvas import check_same_aspect
 
 SD15_CONTEXT = 768
 
@@ -32,9 +34,42 @@ def check_sd15(model: comfy.model_patcher.ModelPatcher, name: str = "model") -> 
         )
 
 
+def refuse_attn2_replacements(transformer_options: dict, when: str) -> None:
+    """Refuse other packs' ``attn2`` replace patches (IPAdapter, PuLID, InstantID packs set them).
+
+    ComfyUI calls such a patch with the layer's projections directly and never runs the layer's
+    forward, so the masked layer would be skipped and every identity would act everywhere. Their
+    attention is a black box (it computes its own softmax), so it cannot be masked exactly: refused.
+    Patches before or after the layer (``attn2_patch``, ``attn2_output_patch``) compose and are fine."""
+    blocks = sorted(transformer_options.get("patches_replace", {}).get("attn2", {}), key=str)
+    if blocks:
+        names = ", ".join(" ".join(str(part) for part in block) for block in blocks)
+        raise ValueError(
+            f"model: a node {when} replaces the cross-attention (attn2) of blocks {names}, as IPAdapter, "
+            "PuLID and InstantID nodes do. ComfyUI would then run that node's attention instead of "
+            "InstantFamily's masked layer, and every identity would act everywhere in the picture. Use a "
+            "model without that node's patch for InstantFamily (LoRAs and attn2 input/output patches work)"
+        )
+
+
+def _guard(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
+    """Run-time checks around every UNet call of a patched model (a ComfyUI DIFFUSION_MODEL wrapper):
+    replace patches added after Apply, and masks of another aspect than the latent being sampled."""
+    options = transformer_options or {}
+    refuse_attn2_replacements(options, "added after InstantFamily Apply")
+    binding = options.get(OPTIONS_KEY)
+    if binding is not None:
+        check_same_aspect(tuple(binding.masks.masks.shape[-2:]), tuple(x.shape[-2:]), "masks",
+                          "the latent (image size / 8)",
+                          "Make the masks (and the pose) at the size of the image you generate, e.g. link the "
+                          "Empty Latent Image's width and height into Pose Control")
+    return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
 def patch_unet(model: comfy.model_patcher.ModelPatcher, binding: IdentityBinding) -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` whose every cross-attention runs masked attention under ``binding``."""
     check_sd15(model)
+    refuse_attn2_replacements(model.model_options.get("transformer_options", {}), "applied before InstantFamily")
     patched = model.clone()
     diffusion_model = patched.get_model_object("diffusion_model")
     wrappers = wrap_cross_attention(diffusion_model)
@@ -43,6 +78,7 @@ def patch_unet(model: comfy.model_patcher.ModelPatcher, binding: IdentityBinding
     for path, wrapper in wrappers.items():
         patched.add_object_patch(f"diffusion_model.{path}", wrapper)
     patched.model_options.setdefault("transformer_options", {})[OPTIONS_KEY] = binding
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, OPTIONS_KEY, _guard)
     return patched
 
 
