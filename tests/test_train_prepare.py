@@ -400,3 +400,53 @@ def test_latent_and_text_caches_tiny_checkpoint(tmp_path_factory, comfyui, capsy
     assert run_prepare("--input", tmp / "in", "--out", tmp / "o2", "--face-encoder", "dlib", "--workers", 0,
                        "--checkpoint", tiny.root / "controlnet" / tiny.controlnet, "--cache-latents") == 2
     assert "not SD1.5" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- captions from a local captioner
+
+def tiny_captioner(folder: Path) -> Path:
+    """A BLIP-shaped image-to-text model (transformers' own classes, tiny, random) saved with save_pretrained;
+    its LM bias makes it say 'two smiling people' whatever the image."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the [eval] extra) is not installed")
+    import torch
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "people", "two", "smiling", "[DEC]"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = transformers.BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    cfg = transformers.BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=11, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16), projection_dim=32)
+    torch.manual_seed(0)
+    model = transformers.BlipForConditionalGeneration(cfg).eval()
+    with torch.no_grad():   # position-dependent bias would need more layers; a fixed preference is enough here
+        model.text_decoder.cls.predictions.bias[words.index("smiling")] = 50.0
+    model.save_pretrained(str(folder))
+    transformers.BlipProcessor(image_processor=transformers.BlipImageProcessor(size={"height": 64, "width": 64}),
+                               tokenizer=tok).save_pretrained(str(folder))
+    return folder
+
+
+def test_captioner_fills_missing_captions(tmp_path, synthetic_root):
+    import transformers
+
+    model_dir = tiny_captioner(tmp_path / "blip")
+    paths = generated_folder(tmp_path / "in", 2)
+    for p in paths:
+        p.with_suffix(".txt").unlink()
+    out = tmp_path / "out"
+    assert run_prepare("--input", tmp_path / "in", "--out", out, "--face-encoder", "insightface/antelopev2",
+                       "--models-root", synthetic_root, "--provider", "CPU", "--workers", 0,
+                       "--captioner", model_dir, "--image-format", "png") == 0
+    samples = read_samples(out)
+    assert len(samples) == 2
+    # reference: transformers' own processor + generate on the stored training image
+    proc = transformers.AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True).eval()
+    for s in samples.values():
+        ids = model.generate(**proc(images=[Image.fromarray(s.image)], return_tensors="pt"), max_new_tokens=40)
+        assert s.caption == proc.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        assert s.caption.startswith("smiling")

@@ -639,8 +639,17 @@ def _run_tasks(tasks, shard_of, last_of, cfg, args, out, rank, part, caches, cap
             return
         if captioner is not None:
             need = [r for r in batch if r["caption"] is None]
-            for r, c in zip(need, captioner([r["image"] for r in need])):
-                r["caption"] = c
+            for r, c in zip(need, captioner([r["image"] for r in need]) if need else []):
+                r["caption"] = c or None
+            for r in [r for r in need if r["caption"] is None]:
+                rows.append([r["source"], "skipped", "missing caption", "the captioner gave an empty caption"])
+                stats["written"] -= 1
+                stats["faces"] -= len(r["face_boxes"])
+                stats["pose"][r["pose_source"]] -= 1
+                stats["skipped"]["missing caption"] = stats["skipped"].get("missing caption", 0) + 1
+                batch.remove(r)
+            if not batch:
+                return
         images = np.stack([r["image"] for r in batch])
         latents = caches.latents(images) if caches is not None and caches.vae is not None else None
         texts = caches.text([r["caption"] for r in batch]) if caches is not None and caches.clip is not None else None
