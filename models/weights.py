@@ -111,8 +111,9 @@ class WeightFile:
 
 
 def save_weights(path: str | Path, meta: WeightMeta, projection: IDProjection,
-                 extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the projection (and later groups given in ``extra`` with their prefixes)."""
+                 extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write the projection (and later groups given in ``extra`` with their prefixes). ``metadata``:
+    extra string fields (e.g. the trainer's config JSON); they cannot override the format fields."""
     if projection.config != meta.projection_config:
         raise ValueError(f"projection {projection.config} does not match the metadata {meta.projection_config}")
     tensors = {f"projection.{k}": v.detach().contiguous().cpu() for k, v in projection.state_dict().items()}
@@ -120,7 +121,11 @@ def save_weights(path: str | Path, meta: WeightMeta, projection: IDProjection,
         if k.split(".", 1)[0] not in GROUPS[1:]:
             raise ValueError(f"extra tensor {k!r} must start with one of {GROUPS[1:]}")
         tensors[k] = v.detach().contiguous().cpu()
-    save_file(tensors, str(path), metadata=meta.to_metadata())
+    md = meta.to_metadata()
+    clash = sorted(set(metadata or {}) & set(md))
+    if clash:
+        raise ValueError(f"metadata keys {clash} are the weight file's own fields; use other names")
+    save_file(tensors, str(path), metadata={**{k: str(v) for k, v in (metadata or {}).items()}, **md})
 
 
 def load_weights(path: str | Path, expect: Mapping[str, object] | None = None) -> WeightFile:

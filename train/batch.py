@@ -13,6 +13,7 @@ Everything random comes from the ``rng`` argument in a fixed order, so a batch i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -159,7 +160,7 @@ def make_batch(samples: Sequence[Sample], cfg, rng: np.random.Generator) -> Batc
 
         keys.append(s.key)
         captions.append(s.caption)
-        images.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0)
+        images.append(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0)
         if cached_latent:
             lat = torch.from_numpy(np.asarray(s.latent, np.float32))
             if tuple(lat.shape) != (4, res // 8, res // 8):
@@ -175,9 +176,13 @@ def make_batch(samples: Sequence[Sample], cfg, rng: np.random.Generator) -> Batc
         masks.append(torch.from_numpy(m))
         controls.append(torch.from_numpy(canvas).permute(2, 0, 1).float() / 255.0)
 
-    if cached_text and len({t.shape for t in texts}) > 1:
-        raise ShardError(f"cached text embeddings of different shapes {sorted({tuple(t.shape) for t in texts})} "
-                         "in one batch; prepare them with one text length")
+    if cached_text:
+        if len({t.shape[-1] for t in texts}) > 1:
+            raise ShardError(f"cached text embeddings of different widths {sorted({t.shape[-1] for t in texts})} "
+                             "in one batch; prepare all shards with one text encoder")
+        # Long captions cache 154, 231, ... tokens: repeat each to a common multiple, as ComfyUI batches them.
+        length = math.lcm(*(t.shape[0] for t in texts))
+        texts = [t.repeat(length // t.shape[0], 1) for t in texts]
     return Batch(
         image=torch.stack(images), latent=torch.stack(latents) if cached_latent else None, caption=captions,
         text_embedding=torch.stack(texts) if cached_text else None, id_global=torch.stack(gl),

@@ -80,8 +80,9 @@ def load_base(path: str):
     try:
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(p), output_vae=True, output_clip=True, model_options={"dtype": torch.float32})
-    except RuntimeError as e:
-        raise ModelSetupError(f"checkpoint: ComfyUI could not load {p} as a diffusion model checkpoint ({e}); "
+    except Exception as e:  # ComfyUI's detectors fail with assorted errors on foreign files
+        raise ModelSetupError(f"checkpoint: ComfyUI could not load {p} as a diffusion model checkpoint "
+                              f"({type(e).__name__}: {e}); "
                               "use an SD1.5 checkpoint (UNet + CLIP + VAE in one .safetensors)") from None
     check_sd15(model, f"checkpoint {p.name}")
     if clip is None or vae is None:

@@ -1,0 +1,384 @@
+"""The trainer's batch builder and model: real ComfyUI model code, the tiny SD1.5-shaped set, CPU.
+
+make_batch is checked against the pack's own pose/mask code and the palette (independent of the batch
+code's bookkeeping); the model against the UNet's weights, exact zero/nonzero gradient structure,
+masked-attention isolation measured inside a real UNet and ControlNet layer, and an overfit run.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from instantfamily_nodes.palette import ID_COLORS, id_color
+from instantfamily_nodes.pose.masks import id_masks
+from instantfamily_nodes.train.batch import make_batch
+from instantfamily_nodes.train.config import TrainConfig
+from instantfamily_nodes.train.shards import Manifest, Sample
+
+R = 64            # training resolution in these tests (latent 8 x 8; attention grids 8, 4, 2)
+D_GF, L, D_LF = 64, 7, 128   # the tiny set's synthetic face pack (demo/tiny.py)
+
+
+def make_sample(n_faces: int, seed: int = 0, key: str = "s", size: int = R, head_joints: bool = False) -> Sample:
+    """Faces side by side in a row (boxes 12 px wide), one person per face. Without ``head_joints`` the
+    skeletons have no head joints, so a face-box centre is black unless a circle is drawn there."""
+    rng = np.random.default_rng(seed)
+    s = size / R
+    step = 15 if n_faces <= 4 else 10
+    boxes = np.array([[2 + step * j, 6, step - 1 + step * j, 21] for j in range(n_faces)], np.float32) * s
+    pose = np.zeros((n_faces, 18, 3), np.float32)
+    for j in range(n_faces):
+        cx = (boxes[j, 0] + boxes[j, 2]) / 2 / s
+        pose[j, 1] = [cx * s, 34 * s, 1]          # neck
+        pose[j, 2] = [(cx - 4) * s, 36 * s, 1]    # right shoulder
+        pose[j, 5] = [(cx + 4) * s, 36 * s, 1]    # left shoulder
+        pose[j, 8] = [(cx - 3) * s, 56 * s, 1]    # right hip
+        if head_joints:
+            pose[j, 0] = [cx * s, 14 * s, 1]
+    return Sample(key=f"{key}{seed}", image=rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                  caption="a photo of a family", face_boxes=boxes, face_kps=np.zeros((n_faces, 5, 2), np.float32),
+                  face_embedding=rng.standard_normal((n_faces, D_GF)).astype(np.float32),
+                  face_local=rng.standard_normal((n_faces, L, L, D_LF)).astype(np.float32), pose=pose,
+                  face_person=list(range(n_faces)))
+
+
+def cfg_for(**kw) -> TrainConfig:
+    base = dict(resolution=R, n_ids=4, batch_size=2, text_dropout=0.0, id_dropout=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------- make_batch
+
+def test_random_slots_cover_every_order_and_min_n_faces_are_chosen():
+    cfg = cfg_for()
+    four, two, six = make_sample(4, 1), make_sample(2, 2), make_sample(6, 3)
+    orders4, slots2, chosen6 = set(), set(), set()
+    for seed in range(400):
+        b = make_batch([four, two, six], cfg, np.random.default_rng(seed))
+        fi = b.face_index.numpy()
+        assert b.id_present.sum(1).tolist() == [4, 2, 4]                 # min(N, N')
+        assert (b.id_present.numpy() == (fi >= 0)).all()
+        orders4.add(tuple(fi[0]))
+        slots2.add(tuple(fi[1]))
+        chosen6.update(int(f) for f in fi[2] if f >= 0)
+        assert len(set(fi[2][fi[2] >= 0])) == 4                           # no face twice
+    assert orders4 == set(itertools.permutations(range(4)))               # all 24 orders
+    # two faces: each face in each slot, empty slots anywhere (all 4*3 placements)
+    assert len(slots2) == 12
+    assert chosen6 == set(range(6))
+
+
+def test_features_masks_and_circles_follow_the_chosen_faces():
+    cfg = cfg_for()
+    s = make_sample(6, 5)
+    for seed in range(5):
+        b = make_batch([s], cfg, np.random.default_rng(seed))
+        fi = b.face_index[0].tolist()
+        control = (b.control[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+        chosen = [f for f in fi if f >= 0]
+        for slot, f in enumerate(fi):
+            if f < 0:
+                assert b.masks[0, slot].abs().sum() == 0 and b.id_global[0, slot].abs().sum() == 0
+                assert b.id_local[0, slot].abs().sum() == 0
+                continue
+            np.testing.assert_array_equal(b.id_global[0, slot].numpy(), s.face_embedding[f])
+            np.testing.assert_array_equal(b.id_local[0, slot].numpy(), s.face_local[f])
+            # the nodes' mask code, margin 25 %, one face at a time
+            np.testing.assert_array_equal(b.masks[0, slot].numpy(), id_masks([s.face_boxes[f]], (R, R), 0.25)[0])
+            cx, cy = (s.face_boxes[f][0] + s.face_boxes[f][2]) / 2, (s.face_boxes[f][1] + s.face_boxes[f][3]) / 2
+            assert tuple(control[int(cy), int(cx)]) == id_color(slot), (seed, slot, f)
+        for f in set(range(6)) - set(chosen):
+            cx, cy = (s.face_boxes[f][0] + s.face_boxes[f][2]) / 2, (s.face_boxes[f][1] + s.face_boxes[f][3]) / 2
+            assert tuple(control[int(cy), int(cx)]) == (0, 0, 0)          # no circle for an unchosen face
+        palette = {tuple(c) for c in ID_COLORS}
+        used = {tuple(p) for p in control.reshape(-1, 3)} & palette
+        assert used == {id_color(slot) for slot, f in enumerate(fi) if f >= 0}
+        # every person's skeleton is drawn, chosen or not: something non-black around each neck
+        for p in s.pose:
+            x, y = int(p[1, 0]), int(p[1, 1])
+            assert control[y - 2:y + 3, x - 2:x + 3].sum() > 0
+
+
+def test_batch_is_a_pure_function_of_rng_and_dropout_rates_apply():
+    cfg = cfg_for(text_dropout=0.5, id_dropout=0.5)
+    samples = [make_sample(3, i) for i in range(8)]
+    a = make_batch(samples, cfg, np.random.default_rng(7))
+    b = make_batch(samples, cfg, np.random.default_rng(7))
+    for name in ("image", "id_global", "id_local", "id_present", "masks", "control", "drop_text", "drop_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    all_drop = make_batch(samples, cfg_for(text_dropout=1.0, id_dropout=1.0), np.random.default_rng(0))
+    assert all_drop.drop_text.all() and all_drop.drop_ids.all()
+    none = make_batch(samples, cfg_for(), np.random.default_rng(0))
+    assert not none.drop_text.any() and not none.drop_ids.any()
+    assert a.image.min() >= -1 and a.image.max() <= 1 and a.control.min() >= 0 and a.control.max() <= 1
+
+
+def test_images_at_another_size_are_resized_with_their_boxes():
+    b2 = make_batch([make_sample(2, 0, size=2 * R)], cfg_for(), np.random.default_rng(0))
+    b1 = make_batch([make_sample(2, 0)], cfg_for(), np.random.default_rng(0))
+    assert b2.image.shape == (1, 3, R, R)
+    assert torch.equal(b2.masks, b1.masks)
+
+
+def test_samples_without_local_features_are_refused():
+    s = make_sample(2, 0)
+    s.face_local = None
+    with pytest.raises(ValueError, match="local face features"):
+        make_batch([s], cfg_for(), np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- the model (real ComfyUI, tiny set)
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny networks are dominated by per-op overhead; on a shared CPU more threads only add
+    contention (measured: 0.6 s vs 2-18 s per step with 2 threads under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(comfyui, tmp_path_factory):
+    from instantfamily_nodes.demo.tiny import build_tiny_models, register_tiny_model_type
+
+    register_tiny_model_type()
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_train"))
+
+
+def manifest() -> Manifest:
+    return Manifest(face_encoder="insightface/antelopev2", L=L, d_gf=D_GF, d_lf=D_LF, resolution=R)
+
+
+def build(tiny, **kw):
+    from instantfamily_nodes.train.model import TrainModel
+
+    cfg = cfg_for(checkpoint=str(tiny.root / "checkpoints" / tiny.checkpoint), **kw)
+    return TrainModel.build(cfg, manifest(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return build(tiny)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch([make_sample(2, 11), make_sample(3, 12)], cfg_for(), np.random.default_rng(3))
+
+
+def test_only_projection_and_controlnet_train(model):
+    from instantfamily_nodes.attention.layer import MaskedCrossAttention
+
+    groups = model.param_groups()
+    assert set(groups) == {"projection", "controlnet"}
+    trainable = {id(p) for ps in groups.values() for p in ps}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.parameters()}          # UNet/VAE/CLIP are not in the tree
+    assert not any(p.requires_grad for p in model.unet.parameters())
+    assert not model.unet.training
+    # the same masked layer as the nodes in all 16 UNet and 7 ControlNet cross-attentions
+    assert sum(isinstance(m, MaskedCrossAttention) for m in model.unet.modules()) == 16
+    assert sum(isinstance(m, MaskedCrossAttention) for m in model.controlnet.modules()) == 7
+
+
+def test_group_switches(tiny):
+    m = build(tiny, train_controlnet=False)
+    assert set(m.param_groups()) == {"projection"}
+    assert not any(p.requires_grad for p in m.controlnet.parameters())
+    assert all(p.requires_grad for p in m.projection.parameters())
+
+
+def test_controlnet_starts_as_the_unets_encoder_with_zero_convs(model):
+    unet_sd = model.unet.state_dict()
+    copied = 0
+    for name, p in model.controlnet.state_dict().items():
+        if name.startswith(("zero_convs.", "middle_block_out.")):
+            assert p.abs().sum() == 0, name
+        elif name.startswith("input_hint_block."):
+            continue
+        else:
+            assert torch.equal(p, unet_sd[name].float()), name
+            copied += 1
+    assert copied > 100
+    convs = [m for m in model.controlnet.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[-1].weight.abs().sum() == 0 and convs[0].weight.abs().sum() > 0
+
+
+def test_loss_and_gradient_structure(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(batch, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    proj = [p.grad for p in model.projection.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in proj)
+    assert model.projection.global_proj.weight.grad.abs().sum() > 0
+    assert model.projection.local_proj.weight.grad.abs().sum() > 0
+    cn = dict(model.controlnet.named_parameters())
+    # step 0: the zero convs get gradient, everything behind them gets exactly none (ControlNet paper)
+    assert all(cn[f"zero_convs.{i}.0.weight"].grad.abs().sum() > 0 for i in range(len(model.controlnet.zero_convs)))
+    assert cn["middle_block_out.0.weight"].grad.abs().sum() > 0
+    behind = [n for n in cn if not n.startswith(("zero_convs.", "middle_block_out."))]
+    assert all(cn[n].grad is None or cn[n].grad.abs().sum() == 0 for n in behind)
+    # once the zero convs are not zero, gradient reaches the ControlNet's inside and its attention
+    saved = {n: p.detach().clone() for n, p in cn.items()}
+    try:
+        with torch.no_grad():
+            for n, p in cn.items():
+                if n.startswith(("zero_convs.", "middle_block_out.")) and n.endswith("weight"):
+                    p.add_(1e-2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        model.zero_grad(set_to_none=True)
+        model.loss(batch, torch.Generator().manual_seed(0)).backward()
+        assert cn["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].grad.abs().sum() > 0
+        assert cn["input_hint_block.0.weight"].grad is not None
+    finally:
+        with torch.no_grad():
+            for n, p in cn.items():
+                p.copy_(saved[n])
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("net", ["unet", "controlnet"])
+def test_an_ids_features_change_its_first_attention_output_only_inside_its_mask(model, batch, net):
+    """Hard mode, measured at the first cross-attention of the UNet / ControlNet (its input does not
+    depend on the IDs yet): perturbing the features of the ID in slot s changes that layer's output
+    exactly nowhere outside mask s and somewhere inside it."""
+    import torch.nn.functional as F
+
+    root = model.unet if net == "unet" else model.controlnet
+    layer = root.get_submodule("input_blocks.1.1.transformer_blocks.0.attn2")
+    outs = []
+    hook = layer.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().clone()))
+    b = 0
+    slot = int(batch.id_present[b].nonzero()[0])
+    try:
+        with torch.no_grad():
+            model.loss(batch, torch.Generator().manual_seed(0))
+            changed = batch.to("cpu")
+            changed.id_global = batch.id_global.clone()
+            changed.id_global[b, slot] += 3.0
+            model.loss(changed, torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    a, c = outs[0][b], outs[-1][b]                          # (h*w, C) at this layer's grid
+    side = int(round(a.shape[0] ** 0.5))
+    inside = F.interpolate(batch.masks[b:b + 1, slot:slot + 1], size=(side, side), mode="area").flatten() > 0
+    diff = (a - c).abs().sum(-1)
+    assert diff[~inside].max() == 0
+    assert diff[inside].max() > 1e-4
+    # the other sample of the batch is untouched
+    assert torch.equal(outs[0][1], outs[-1][1])
+
+
+def test_dropped_ids_are_the_null_identity_and_empty_slots_get_no_attention(model, batch):
+    null = model.id_tokens(batch, torch.ones(batch.size, dtype=torch.bool))
+    ref = model.projection.null_tokens(batch.id_present.shape[1], (batch.size,))
+    torch.testing.assert_close(null, ref)
+    from instantfamily_nodes.models.projection import stack_context
+
+    _, layout = stack_context(torch.zeros(batch.size, 77, 768), null)
+    binding = model.binding(batch, layout)
+    assert torch.equal(binding.masks.strength, batch.id_present.float())
+
+
+def test_trainable_state_round_trip_and_strict_errors(model):
+    sd = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    assert all(k.startswith(("projection.", "controlnet.")) for k in sd)
+    model.load_trainable_state_dict(sd)
+    bad = dict(sd)
+    bad.pop("projection.pos_row")
+    with pytest.raises(KeyError, match="projection.pos_row"):
+        model.load_trainable_state_dict(bad)
+    bad = dict(sd)
+    bad["controlnet.zero_convs.0.0.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="controlnet.zero_convs.0.0.weight"):
+        model.load_trainable_state_dict(bad)
+
+
+def test_sample_makes_pictures(model, batch):
+    img = model.sample(batch, steps=2, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert img.shape == (batch.size, 3, R, R) and torch.isfinite(img).all()
+    assert img.min() >= 0 and img.max() <= 1
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, model, batch):
+    ck = build(tiny, gradient_checkpointing=True)
+    ck.load_trainable_state_dict(model.trainable_state_dict())
+    with torch.no_grad():  # nonzero zero convs, so the ControlNet's inside gets gradient too
+        for m in (model, ck):
+            for i, zc in enumerate(m.controlnet.zero_convs):
+                zc[0].weight.copy_(torch.full_like(zc[0].weight, 1e-2))
+    grads = []
+    for m in (model, ck):
+        m.zero_grad(set_to_none=True)
+        loss = m.loss(batch, torch.Generator().manual_seed(4))
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        for zc in model.controlnet.zero_convs:
+            zc[0].weight.zero_()
+    model.zero_grad(set_to_none=True)
+
+
+def test_thirty_steps_overfit_a_fixed_batch(tiny, batch):
+    m = build(tiny)
+    opt = torch.optim.AdamW([{"params": ps, "lr": 1e-3} for ps in m.param_groups().values()], weight_decay=0.0)
+    losses = []
+    for _ in range(32):
+        opt.zero_grad(set_to_none=True)
+        loss = m.loss(batch, torch.Generator().manual_seed(0))    # same t and noise: a fixed target
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.5 * losses[0], losses
+
+
+def test_controlnet_init_from_a_file_and_refusals(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from instantfamily_nodes.train.model import ModelSetupError
+
+    path = tiny.root / "controlnet" / tiny.controlnet
+    m = build(tiny, controlnet_init=str(path))
+    ref = load_file(str(path))
+    for k, v in m.controlnet.state_dict().items():
+        assert torch.equal(v, ref[k].float()), k
+    from instantfamily_nodes.train.model import TrainModel
+
+    # a file that is not an SD1.5 checkpoint (a ControlNet) given as the checkpoint
+    with pytest.raises(ModelSetupError, match="checkpoint"):
+        TrainModel.build(cfg_for(checkpoint=str(path)), manifest(), "cpu")
+    # a ControlNet with another shape than the checkpoint's UNet
+    import comfy.cldm.cldm
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    from instantfamily_nodes.demo import tiny as tiny_mod
+
+    cfg = {k: v for k, v in tiny_mod.UNET_CONFIG.items() if k != "out_channels"}
+    cfg["channel_mult"] = [1, 2, 4, 4]
+    net = comfy.cldm.cldm.ControlNet(**cfg, **tiny_mod.UNET_EXTRA, hint_channels=3, device="cpu",
+                                     operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    tiny_mod.init_weights(net, 0)
+    other = tmp_path / "other_controlnet.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(other))
+    with pytest.raises(ModelSetupError, match="controlnet_init"):
+        build(tiny, controlnet_init=str(other))
+    pickled = tmp_path / "x.ckpt"
+    pickled.write_bytes(b"0")
+    with pytest.raises(ModelSetupError, match="not a .safetensors"):
+        build(tiny, controlnet_init=str(pickled))
+    bad = manifest()
+    bad.L, bad.d_lf = 0, 0
+    with pytest.raises(ModelSetupError, match="local"):
+        TrainModel.build(cfg_for(checkpoint=str(tiny.root / "checkpoints" / tiny.checkpoint)), bad, "cpu")
