@@ -8,6 +8,7 @@ layer-normalised so ID tokens sit on the scale of CLIP's text tokens. All IDs fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -77,10 +78,13 @@ class IDProjection(nn.Module):
         return self.forward(g, loc)
 
 
-def stack_context(text: torch.Tensor, id_tokens: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
-    """Eq. 4-5: K = [text ; ID 0 ; ... ; ID N-1] and the layout that describes it.
+def stack_context(text: torch.Tensor, id_tokens: torch.Tensor,
+                  prompts: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, TokenLayout]:
+    """Eq. 4-5: K = [text ; ID 0 ; ... ; ID N-1 ; prompt 0 ; ... ; prompt P-1] and its layout.
 
     text: (B, T, d_K); id_tokens: (N, tokens, d_K) shared by the batch or (B, N, tokens, d_K).
+    prompts: optional per-person prompt encodings in person order (ID order, then persons without an
+    identity), each (T_p, d_K) or (1 | B, T_p, d_K), or None for a person without a prompt.
     """
     if text.ndim != 3:
         raise ValueError(f"text embedding must be (batch, tokens, width), got {tuple(text.shape)}")
@@ -94,6 +98,18 @@ def stack_context(text: torch.Tensor, id_tokens: torch.Tensor) -> tuple[torch.Te
     if id_tokens.shape[0] != text.shape[0]:
         raise ValueError(f"ID tokens for a batch of {id_tokens.shape[0]} but text for {text.shape[0]}")
     b, n, tokens, _ = id_tokens.shape
-    layout = TokenLayout(text.shape[1], n, tokens)
     ids = id_tokens.to(text.dtype).reshape(b, n * tokens, text.shape[-1])
-    return torch.cat([text, ids], dim=1), layout
+    parts, lens = [text, ids], []
+    for p, prompt in enumerate(prompts or ()):
+        if prompt is None:
+            lens.append(0)
+            continue
+        if prompt.ndim == 2:
+            prompt = prompt.unsqueeze(0)
+        if prompt.ndim != 3 or prompt.shape[-1] != text.shape[-1] or prompt.shape[0] not in (1, b):
+            raise ValueError(f"person prompt {p}: expected (tokens, {text.shape[-1]}) or (1 or {b}, tokens, "
+                             f"{text.shape[-1]}), got {tuple(prompt.shape)}; encode it with the same CLIP")
+        parts.append(prompt.to(text).expand(b, -1, -1))
+        lens.append(prompt.shape[1])
+    layout = TokenLayout(text.shape[1], n, tokens, prompt_lens=tuple(lens))
+    return torch.cat(parts, dim=1), layout

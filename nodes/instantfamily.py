@@ -18,6 +18,7 @@ from ..models.weights import WeightFile, load_weights
 from ..pose.canvas import check_same_aspect
 from .faces import FACES
 from .patching import InstantFamilyControlNet, load_controlnet, patch_unet
+from .prompts import PERSON_PROMPTS, PROMPTS_KEY, PersonPrompts, stacked_prompts
 
 CATEGORY = "InstantFamily"
 WEIGHTS = io.Custom("INSTANTFAMILY_WEIGHTS")
@@ -169,7 +170,8 @@ def _repeat_text(cond: torch.Tensor, length: int) -> torch.Tensor:
     return cond.repeat(1, length // cond.shape[1], 1)
 
 
-def _stack(conditioning: list, ids: torch.Tensor, text_len: int) -> tuple[list, object]:
+def _stack(conditioning: list, ids: torch.Tensor, text_len: int, prompts: list | None = None,
+           person_prompts: PersonPrompts | None = None) -> tuple[list, object]:
     out, layout = [], None
     for cond, extra in conditioning:
         if LAYOUT_KEY in extra:
@@ -177,8 +179,10 @@ def _stack(conditioning: list, ids: torch.Tensor, text_len: int) -> tuple[list, 
         if cond.shape[-1] != ids.shape[-1]:
             raise ValueError(f"conditioning width {cond.shape[-1]} != ID token width {ids.shape[-1]}: "
                              "InstantFamily supports SD1.5 text encoders (768) only")
-        context, layout = stack_context(_repeat_text(cond, text_len), ids.to(cond))
+        context, layout = stack_context(_repeat_text(cond, text_len), ids.to(cond), prompts)
         extra = {**extra, LAYOUT_KEY: layout, "cross_attn_controlnet": context}
+        if person_prompts is not None:
+            extra[PROMPTS_KEY] = person_prompts
         out.append([context, extra])
     return out, layout
 
@@ -197,13 +201,17 @@ class EmbeddingStack(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative prompt; gets null IDs with the same layout."),
                 IDS.Input("ids", tooltip="From Project IDs or Load ID Stack; ID n is masked by mask n."),
                 WEIGHTS.Input("weights", tooltip="The same weights that projected the IDs (for the null ID)."),
+                PERSON_PROMPTS.Input("person_prompts", optional=True,
+                                     tooltip="Optional, from Person Prompts: one prompt per person, each visible only "
+                                             "in that person's region; the negative gets empty ones."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive", tooltip="[text ; ID 1 ; ... ; ID N], for Apply."),
                      io.Conditioning.Output(display_name="negative", tooltip="Text with null IDs (same layout), for Apply.")],
         )
 
     @classmethod
-    def execute(cls, positive: list, negative: list, ids: IDStack, weights: WeightFile) -> io.NodeOutput:
+    def execute(cls, positive: list, negative: list, ids: IDStack, weights: WeightFile,
+                person_prompts: PersonPrompts | None = None) -> io.NodeOutput:
         if ids.face_encoder and ids.face_encoder != weights.meta.face_encoder:
             raise ValueError(f"ids were projected for {ids.face_encoder!r} but the weights are for "
                              f"{weights.meta.face_encoder!r}")
@@ -213,8 +221,9 @@ class EmbeddingStack(io.ComfyNode):
         # One text length for all, so cond and uncond share a layout and batch together.
         text_len = math.lcm(*(c.shape[1] for c, _ in positive + negative))
         null = weights.projection().null_tokens(len(ids)).detach()
-        pos, layout = _stack(positive, ids.tokens, text_len)
-        neg, null_layout = _stack(negative, null, text_len)
+        pp = person_prompts
+        pos, layout = _stack(positive, ids.tokens, text_len, pp.positive() if pp is not None else None, pp)
+        neg, null_layout = _stack(negative, null, text_len, pp.negative() if pp is not None else None, pp)
         assert layout == null_layout
         return io.NodeOutput(pos, neg)
 
@@ -290,8 +299,11 @@ class Apply(io.ComfyNode):
         if mode == "from weights":
             mode = weights.meta.attention_mode if weights is not None else DEFAULT_MODE
         sampling = model.get_model_object("model_sampling")
+        pp = stacked_prompts(positive + negative)
         binding = IdentityBinding(
-            layout, IDMasks(masks.float().cpu(), _parse_strengths(id_strengths, layout.n_ids, strength)), mode,
+            layout, IDMasks(masks.float().cpu(), _parse_strengths(id_strengths, layout.n_ids, strength),
+                            pp.regions if pp is not None else None,
+                            pp.region_strength() if pp is not None else None), mode,
             sigma_start=float(sampling.percent_to_sigma(start_percent)),
             sigma_end=float(sampling.percent_to_sigma(end_percent)),
         )

@@ -210,3 +210,16 @@ def test_errors_name_the_input():
         IDMasks(torch.ones(2, 1, 8, 8), None, torch.ones(3, 2, 8, 8))
     with pytest.raises(ValueError, match="needs face masks, person regions, or both"):
         IDMasks(None)
+
+
+def test_stack_context_appends_person_prompts_after_the_ids():
+    from instantfamily_nodes.models import stack_context
+
+    text, ids = torch.randn(2, 77, 8), torch.randn(2, 5, 8)
+    p0, p2 = torch.randn(77, 8), torch.randn(1, 154, 8)
+    ctx, layout = stack_context(text, ids, [p0, None, p2])
+    assert layout == TokenLayout(77, 2, 5, prompt_lens=(77, 0, 154))
+    assert torch.equal(ctx[:, :77], text) and torch.equal(ctx[1, layout.id_slice(1)], ids[1])
+    assert torch.equal(ctx[0, layout.prompt_slice(0)], p0) and torch.equal(ctx[1, layout.prompt_slice(2)], p2[0])
+    with pytest.raises(ValueError, match="person prompt 1: expected"):
+        stack_context(text, ids, [p0, torch.randn(77, 4)])
