@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from instantfamily_nodes.train.shards import Manifest, Sample, encode_sample
 
 R = 64                          # training resolution of the trainer tests
@@ -66,3 +65,43 @@ def shard_keys(folder: Path) -> list[str]:
         with tarfile.open(p) as t:
             keys += sorted({m.name.split(".", 1)[0] for m in t.getmembers()})
     return keys
+
+
+def ddp_worker(rank: int, world: int, port: int, comfyui: str, cfg_dict: dict, steps: int, out_file: str) -> None:
+    """One process of the 2-process gloo DDP test (torch.multiprocessing.spawn target): ``steps`` optimizer
+    steps through the trainer's own step function, rank 0 saves the trained tensors."""
+    import os
+    import sys
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        sys.path.insert(0, comfyui)
+        from safetensors.torch import save_file
+
+        from instantfamily_nodes.train import fit as F
+        from instantfamily_nodes.train.config import TrainConfig
+        from instantfamily_nodes.train.data import open_stream
+        from instantfamily_nodes.train.model import TrainModel
+
+        cfg = TrainConfig.from_dict(cfg_dict)
+        dev = torch.device("cpu")
+        F.setup_comfy(cfg, dev)
+        model = TrainModel.build(cfg, Manifest.load(cfg.data), dev)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        groups = model.param_groups()
+        opt = F.build_optimizer(cfg, groups)
+        sched = F.build_scheduler(cfg, opt)
+        dist = F.Dist(rank, world, 0, dev)
+        stream = open_stream(cfg, rank, world, 0, collate=F.Collate(cfg))
+        for step in range(steps):
+            item = next(stream)
+            F.train_step(ddp, model, opt, sched, None, groups, [(item.batch, F.loss_generator(cfg, rank, step, 0, dev))],
+                         cfg, dist, step)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, out_file)
+    finally:
+        torch.distributed.destroy_process_group()

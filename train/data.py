@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.utils.data
 
 from .config import TrainConfig
 from .shards import FEATURES, IMAGE_KEYS, Manifest, Sample, ShardError, decode_sample
@@ -174,15 +175,14 @@ def role_stream(spec: StreamSpec, role: int) -> Iterator[StreamItem]:
         epoch += 1
 
 
-class _Stream:
+class _Stream(torch.utils.data.IterableDataset):
     """torch IterableDataset over the rank's stream (a class at module level: workers unpickle it)."""
 
     def __init__(self, spec: StreamSpec):
+        super().__init__()
         self.spec = spec
 
     def __iter__(self) -> Iterator[StreamItem]:
-        import torch.utils.data
-
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
         # rotation: the first batch after a resume comes from role start_batch % W, as it would have
@@ -213,8 +213,6 @@ def open_stream(cfg: TrainConfig, rank: int = 0, world: int = 1, start_batch: in
     spec = StreamSpec(paths, cfg.seed, rank, world, roles, cfg.batch_size, cfg.shuffle_buffer, start_batch, collate)
     if cfg.num_workers == 0:
         return _interleave([role_stream(spec, (w + start_batch) % roles) for w in range(roles)])
-    import torch.utils.data
-
     loader = torch.utils.data.DataLoader(_Stream(spec), batch_size=None, num_workers=cfg.num_workers,
                                          collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=2,
                                          persistent_workers=False)
