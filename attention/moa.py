@@ -27,14 +27,21 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import OPTIONS_KEY, IdentityBinding, _current_sigma, _grid, _scoped_options, wrap_cross_attention
+from .layer import (
+    OPTIONS_KEY,
+    IdentityBinding,
+    _current_sigma,
+    _grid,
+    _scoped_options,
+    wrap_cross_attention,
+)
 from .layout import TEXT_CHUNK
 from .masked import masked_attention, merge_heads, split_heads
 from .masks import IDMasks
@@ -495,7 +502,19 @@ def config_from_tensors(tensors: Iterable[str]) -> MoAConfig:
 
 
 __all__ = [
-    "MOA_KEY", "ROUTER_MODES", "ROUTERS", "MoABinding", "MoAConfig", "MoALayer", "MoAWeightError", "RouterCapture",
-    "config_from_tensors", "extra_bytes", "grow_and_feather", "load_moa_state_dict", "moa_layers", "moa_state_dict",
+    "MOA_KEY",
+    "ROUTERS",
+    "ROUTER_MODES",
+    "MoABinding",
+    "MoAConfig",
+    "MoALayer",
+    "MoAWeightError",
+    "RouterCapture",
+    "config_from_tensors",
+    "extra_bytes",
+    "grow_and_feather",
+    "load_moa_state_dict",
+    "moa_layers",
+    "moa_state_dict",
     "trainable_parameters",
 ]

@@ -11,11 +11,19 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention.layer import OPTIONS_KEY
-from ..attention.moa import (
-    MOA_KEY, ROUTER_MODES, MoABinding, MoAConfig, RouterCapture, config_from_tensors, extra_bytes,
-    grow_and_feather, load_moa_state_dict, moa_layers,
-)
 from ..attention.masks import IDMasks
+from ..attention.moa import (
+    MOA_KEY,
+    ROUTER_MODES,
+    MoABinding,
+    MoAConfig,
+    RouterCapture,
+    config_from_tensors,
+    extra_bytes,
+    grow_and_feather,
+    load_moa_state_dict,
+    moa_layers,
+)
 from ..attention.moa_preview import render_router_maps
 from ..models.id_stack import IDStack
 from ..models.morph import morph_faces, morph_tokens
@@ -39,7 +47,7 @@ class RouterMaps:
         return self
 
 
-def patch_moa(model, moa: MoABinding, config: MoAConfig = MoAConfig(), weights: WeightFile | None = None):
+def patch_moa(model, moa: MoABinding, config: MoAConfig | None = None, weights: WeightFile | None = None):
     """A clone of ``model`` (patched by InstantFamily Apply) whose attention layers are MoA layers.
     With ``weights`` holding ``moa.*`` tensors the experts and routers are loaded (validated against
     the live layers); without, the personalised expert shares the layer's own projections (the
@@ -51,7 +59,7 @@ def patch_moa(model, moa: MoABinding, config: MoAConfig = MoAConfig(), weights: 
     patched = model.clone()
     diffusion_model = patched.get_model_object("diffusion_model")
     trained = weights is not None and bool(weights.group("moa"))
-    layers = moa_layers(diffusion_model, config, share_expert=not trained)
+    layers = moa_layers(diffusion_model, config or MoAConfig(), share_expert=not trained)
     if trained:
         load_moa_state_dict(layers, weights.tensors, source="weights")
     for path, layer in layers.items():

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from instantfamily_nodes.attention.layer import OPTIONS_KEY
 from instantfamily_nodes.attention.moa import (
-    MOA_KEY, MoABinding, MoAConfig, MoALayer, MoAWeightError, grow_and_feather, load_moa_state_dict, moa_layers,
+    MOA_KEY,
+    MoAConfig,
+    MoALayer,
+    MoAWeightError,
+    grow_and_feather,
+    load_moa_state_dict,
+    moa_layers,
     moa_state_dict,
 )
 from test_integration import apply, fake_faces, id_masks, sample  # noqa: F401  (env fixture below)
@@ -23,10 +28,13 @@ H = W = 128   # latent 16x16: grids 16, 8, 4, 2 (the 2-core CI box is shared; 25
 @pytest.fixture(scope="module")
 def env(comfyui, tmp_path_factory):
     import comfy.sd
-    import nodes
-
-    from instantfamily_nodes.demo.tiny import build_tiny_models, register_tiny_model_type
+    from instantfamily_nodes.demo.tiny import (
+        build_tiny_models,
+        register_tiny_model_type,
+    )
     from instantfamily_nodes.models import load_weights
+
+    import nodes
 
     register_tiny_model_type()
     tiny = build_tiny_models(tmp_path_factory.mktemp("tiny"))
@@ -46,12 +54,12 @@ def moa_node(model, router="mask", strength=1.0, id_strengths="", start=0.0, end
                        weights).result
 
 
-def trained_weights(env, model, bias=None, config=MoAConfig()):
+def trained_weights(env, model, bias=None, config=None):
     """The tiny pack weights plus MoA tensors: random experts (a trained expert differs from the
     layer), routers with ``bias``. Returns (WeightFile, bytes of the MoA tensors)."""
     from instantfamily_nodes.models.weights import WeightFile
 
-    layers = moa_layers(model.get_model_object("diffusion_model"), config, share_expert=False)
+    layers = moa_layers(model.get_model_object("diffusion_model"), config or MoAConfig(), share_expert=False)
     gen = torch.Generator().manual_seed(0)
     tensors = {}
     for k, v in moa_state_dict(layers).items():
@@ -216,7 +224,6 @@ def test_strength_window_and_per_id_control(env):
 
 def test_subject_morphing(env):
     import numpy as np
-
     from instantfamily_nodes.nodes.instantfamily import ProjectIDs
     from instantfamily_nodes.nodes.moa import MorphFaces, MorphIDs
 
