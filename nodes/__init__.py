@@ -6,7 +6,7 @@ import importlib
 from comfy_api.latest import ComfyExtension, io
 
 # Each module lists its node classes in ``NODES``. Add new node modules here.
-_NODE_MODULES: tuple[str, ...] = ("faces", "pose", "regions", "prompts", "instantfamily", "evaluate")
+_NODE_MODULES: tuple[str, ...] = ("faces", "pose", "regions", "prompts", "instantfamily", "moa", "evaluate")
 
 
 def node_classes() -> list[type[io.ComfyNode]]:

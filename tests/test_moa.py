@@ -113,7 +113,7 @@ def test_mask_router_background_pixels_equal_the_prior_expert_in_every_layer(env
         assert not torch.allclose(out[:, ~background], prior[:, ~background])
         checked.append((layer.path, int(background.sum())))
 
-    for path, layer in moa_model.object_patches.items():
+    for layer in moa_model.object_patches.values():
         if isinstance(layer, MoALayer):
             hooks.append(layer.register_forward_hook(check, with_kwargs=True))
     try:
