@@ -220,3 +220,29 @@ def test_cuda_that_does_not_start_falls_back_to_cpu_with_one_warning(arcface, ca
     warnings = [r for r in caplog.records if "CUDA was requested but did not start" in r.getMessage()]
     assert len(warnings) == 1
     assert "on CPU" in warnings[0].getMessage()
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.parametrize("size, centers, hw", [
+    (64, [(320, 240)], (480, 640)),
+    (96, [(160, 200)], (400, 320)),                     # the demo's face photo
+    (96, [(150, 300), (500, 240)], (480, 640)),
+    (128, [(211, 173)], (480, 640)),                    # off every cell grid
+    (48, [(100, 100), (400, 350)], (480, 640)),
+    (200, [(300, 260)], (512, 640)),
+])
+def test_synthetic_detector_boxes_frame_the_square(pack, tmp_path, size, centers, hw):
+    """Issue 9, defect 3: boxes used to sit on a cell corner (-40 px for a 96-px square)."""
+    enc = InsightFaceEncoder(find_model_dir("antelopev2", [pack]), provider="CPU", cache_dir=tmp_path / "c")
+    img = synthetic.square_faces_image(centers, size=size, hw=hw)
+    dets = enc.detect(img, enc.ladder[0])
+    assert len(dets) == len(centers), "one box per square"
+    for cx, cy in centers:
+        square = (cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2)
+        assert max(_iou(d.box, square) for d in dets) >= 0.9, ([d.box for d in dets], square)

@@ -83,28 +83,63 @@ def export_arcface_like(path: str | os.PathLike, width: int = 16, emb_dim: int =
     return net
 
 
+# Where the five keypoints sit in a synthetic face, as fractions of its box from the box centre
+# (x of width, y of height): eyes, nose, mouth corners.
+SQUARE_FACE_KPS = ((-0.2, -0.1), (0.2, -0.1), (0.0, 0.1), (-0.15, 0.25), (0.15, 0.25))
+SQUARE_REACH = 320   # the largest distance (detector-input px) from an anchor to a square's edge
+
+
 def export_scrfd_like(path: str | os.PathLike) -> None:
-    """Write an SCRFD-shaped detector ONNX: a face = a bright square covering at least one 32-px cell of
-    the detector's input; the box is 160 px around the brightest cell. Only stride 32 fires; keypoints sit where eyes, nose and mouth corners
-    would be in that square. insightface's own SCRFD code decodes it like the real model."""
+    """Write an SCRFD-shaped detector ONNX whose boxes frame bright squares exactly.
+
+    A face is a bright square (gray > 0.8) holding at least one point of the stride-32 anchor grid
+    (a square of 32 px or more always does). For each anchor inside a square the net counts the bright
+    pixels from the anchor to the square's four edges along its row and column (box pooling over a
+    ``SQUARE_REACH`` window), which are SCRFD's four box distances: every anchor of one square decodes to
+    the same box, the square itself, and insightface's NMS keeps one. Keypoints are placed in that box at
+    ``SQUARE_FACE_KPS``. Only stride 32 fires. insightface's own SCRFD code decodes it like the real model."""
     torch = _torch()
     nn = torch.nn
+    F = nn.functional
+    R = SQUARE_REACH
+
+    def run_length(bright, s: int, dim: int, before: bool):
+        # Bright pixels in [a - R, a) (before) or [a, a + R) (after) of each anchor a = k*s along ``dim``
+        # (3: x, 2: y), sampled on the anchor rows/columns. Input sides are multiples of s (det_size).
+        kernel = (1, R) if dim == 3 else (R, 1)
+        if dim == 3:
+            x = F.pad(bright[..., :, :-1], (R, 0, 0, 0)) if before else F.pad(bright, (0, R - 1, 0, 0))
+            return F.avg_pool2d(x[..., ::s, :], kernel, stride=(1, s)) * R
+        x = F.pad(bright[..., :-1, :], (0, 0, R, 0)) if before else F.pad(bright, (0, 0, 0, R - 1))
+        return F.avg_pool2d(x[..., :, ::s], kernel, stride=(s, 1)) * R
 
     class ScrfdLike(nn.Module):
         def forward(self, x):
             gray = x.mean(1, keepdim=True)                      # input is (pixel - 127.5) / 128
+            bright = (gray > 0.8).float()
             outs_s, outs_b, outs_k = [], [], []
             for s in (8, 16, 32):
-                p = nn.functional.avg_pool2d(gray, s, s)        # (1, 1, H/s, W/s)
-                cells = p.permute(0, 2, 3, 1)                    # (1, h, w, 1): row-major like SCRFD
-                cells = torch.cat([cells, cells], 3).reshape(-1, 1)  # 2 anchors per cell
-                score = torch.sigmoid(12.0 * (cells - 0.8)) if s == 32 else cells * 0.0
-                ones = cells * 0.0 + 1.0
-                outs_s.append(score)
-                # 160-px boxes around each anchor: wide enough that insightface's NMS (IoU 0.4) keeps one
-                # box per square even when 2x2 neighbouring cells fire.
-                outs_b.append(ones * torch.tensor([[2.5, 2.5, 2.5, 2.5]]))
-                outs_k.append(ones * torch.tensor([[-0.6, -0.4, 0.6, -0.4, 0.0, 0.3, -0.5, 1.0, 0.5, 1.0]]))
+                inside = bright[..., ::s, ::s]                  # (1, 1, H/s, W/s): anchor (k*s, j*s)
+                if s == 32:
+                    left, right = run_length(bright, s, 3, True), run_length(bright, s, 3, False)
+                    top, bottom = run_length(bright, s, 2, True), run_length(bright, s, 2, False)
+                    score = inside
+                else:
+                    left = right = top = bottom = inside
+                    score = inside * 0.0
+                w, h = left + right, top + bottom
+                cx, cy = (right - left) / 2, (bottom - top) / 2  # box centre relative to the anchor
+                kps = []
+                for fx, fy in SQUARE_FACE_KPS:
+                    kps += [cx + fx * w, cy + fy * h]
+
+                def cells(*maps):  # (1, 1, h, w) maps -> (h*w*2, len(maps)) in stride units, row-major
+                    m = torch.cat(maps, 1).permute(0, 2, 3, 1) / float(s)
+                    return torch.cat([m, m], 3).reshape(-1, len(maps))
+
+                outs_s.append(cells(score) * float(s))
+                outs_b.append(cells(left, top, right, bottom))
+                outs_k.append(cells(*kps))
             return (*outs_s, *outs_b, *outs_k)
 
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
