@@ -322,10 +322,14 @@ def test_manifest_inputs(tmp_path, synthetic_root):
 
 
 def test_clear_errors(tmp_path, synthetic_root, capsys):
-    (tmp_path / "empty").mkdir()
-    assert run_prepare("--input", tmp_path / "empty", "--out", tmp_path / "o1", "--face-encoder", "dlib",
-                       "--workers", 0) == 2
-    assert "no photos found" in capsys.readouterr().err
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()   # through the real command line
+    cli = subprocess.run([sys.executable, "-m", "instantfamily_nodes.train", "prepare", "--input", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "o1"), "--face-encoder", "dlib"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "no photos found" in cli.stderr, cli.stderr[-2000:]
     # photos, but no face in any of them: a non-zero exit that names the report
     (tmp_path / "flat").mkdir()
     for i in range(2):
