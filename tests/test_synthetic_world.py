@@ -1,0 +1,186 @@
+"""The synthetic world: reproducible identities and scenes, its detector through insightface's own SCRFD
+decoding, and its recognition net through the pack's normal insightface path (models/faces)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from instantfamily_nodes.synthetic.world import (FACE_MIN_MAX_CHANNEL, MIN_ATTRIBUTE_DISTANCE, SCENE_MAX_CHANNEL,
+                                                 World, face_kps)
+
+SIZES = [(128, 128), (96, 160), (256, 256)]
+
+
+def _face_mask(scene) -> np.ndarray:
+    m = np.zeros(scene.hw, bool)
+    for x0, y0, x1, y1 in scene.boxes.astype(int):
+        m[y0:y1, x0:x1] = True
+    return m
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_scenes_are_reproducible_and_splits_differ():
+    a = World(24, seed=3).scene(4, (128, 128), "train", 7)
+    b = World(24, seed=3).scene(4, (128, 128), "train", 7)
+    assert np.array_equal(a.image, b.image) and a.identities == b.identities and a.caption == b.caption
+    c = World(24, seed=3).scene(4, (128, 128), "test", 7)
+    assert not np.array_equal(a.image, c.image)
+    other_world = World(24, seed=4).scene(4, (128, 128), "train", 7)
+    assert not np.array_equal(a.image, other_world.image)
+
+
+def test_identities_differ_in_several_attributes_not_one_colour():
+    world = World(32, seed=0)
+    attrs = lambda i: (i.skin, i.hair if i.hair_style != "none" else None, i.hair_style, i.pattern,  # noqa: E731
+                       i.eyes)
+    for p, q in itertools.combinations(world.identities, 2):
+        diff = sum(x != y for x, y in zip(attrs(p), attrs(q)))
+        assert diff >= MIN_ATTRIBUTE_DISTANCE, (p.index, q.index)
+    # more identities than skin colours: identity is not the colour
+    assert len({i.skin for i in world.identities}) < len(world.identities)
+
+
+def test_appearances_of_one_identity_vary():
+    world = World()
+    tiles = [world.render_face(5, 24, 30, world.rng("train", i)).astype(float) for i in range(4)]
+    for t1, t2 in itertools.combinations(tiles, 2):
+        assert np.abs(t1 - t2).mean() > 3.0
+
+
+@pytest.mark.parametrize("hw", SIZES)
+def test_brightness_contract_and_pose_boxes(hw):
+    from instantfamily_nodes.pose.faceboxes import face_boxes_from_pose
+
+    world = World()
+    for n in range(1, 8):
+        scene = world.scene(n, hw, "test", n)
+        face = _face_mask(scene)
+        peak = scene.image.max(-1)
+        assert peak[face].min() > FACE_MIN_MAX_CHANNEL
+        assert peak[~face].max() < SCENE_MAX_CHANNEL
+        assert len(scene.people) == n == len(set(scene.identities))
+        est = np.array(face_boxes_from_pose(scene.people, scene.hw))
+        # the pose's head keypoints give back the world's box (height rounded to whole pixels)
+        assert np.abs(est - scene.boxes).max() <= 0.51, (n, est, scene.boxes)
+        x0s = scene.boxes[:, 0]
+        assert np.all(np.diff(x0s) > 0)                         # left to right
+        gaps = scene.boxes[1:, 0] - scene.boxes[:-1, 2]
+        assert np.all(gaps >= 3)                               # faces never touch
+
+
+def test_control_image_from_the_pack_renderer_has_id_circles():
+    from instantfamily_nodes.palette import id_color
+    from instantfamily_nodes.pose.render import render_control
+
+    scene = World().scene(3, (128, 128), "test", 1)
+    control = render_control(scene.people, [0, 1, 2], scene.hw)
+    for i, (x0, y0, x1, y1) in enumerate(scene.boxes):
+        cy, cx = int((y0 + y1) / 2), int((x0 + x1) / 2)
+        assert tuple(control[cy, cx]) == id_color(i)
+
+
+def test_keypoints_align_the_box_height_square():
+    from instantfamily_nodes.models.faces.base import aligned_crop
+    from instantfamily_nodes.synthetic.recognizer import _fast_crop
+
+    scene = World().scene(2, (256, 256), "test", 3)
+    for box, kps in zip(scene.boxes, scene.kps):
+        assert np.allclose(kps, face_kps(box))
+        crop = aligned_crop(scene.image, kps, 112)
+        # insightface's norm_crop maps the square of side = box height onto the crop: the face tile fills
+        # the middle 112 * w / h columns
+        x0, y0, x1, y1 = box
+        w, h = x1 - x0, y1 - y0
+        inner = int(56 * w / h) - 3
+        assert crop[4:-4, 56 - inner:56 + inner].max(-1).min() > FACE_MIN_MAX_CHANNEL - 10
+        assert np.abs(crop.astype(int) - _fast_crop(scene.image, box, None)).max() <= 1
+
+
+def test_bad_inputs_are_named():
+    world = World()
+    with pytest.raises(ValueError, match="n_people"):
+        world.scene(0)
+    with pytest.raises(ValueError, match="too small"):
+        world.scene(7, (64, 64))
+    with pytest.raises(ValueError, match="identities"):
+        world.scene(2, identities=[1, 1])
+    with pytest.raises(ValueError, match="split"):
+        world.scene(2, split="val")
+
+
+# ---------------------------------------------------------------- the face pack through models/faces
+
+@pytest.fixture(scope="module")
+def world_pack(tmp_path_factory):
+    """A CI-sized recognizer (about a minute on one core) exported as an insightface-shaped pack."""
+    from instantfamily_nodes.synthetic.recognizer import export_pack, train_recognizer
+
+    world = World(16, seed=0)
+    trained = train_recognizer(world, steps=200, train_size=3000, test_size=600, threads=1, log_every=0)
+    root = tmp_path_factory.mktemp("world_models")
+    folder = export_pack(trained, world, root, "synthetic_world")
+    return world, trained, root, folder
+
+
+def _encoder(root, folder):
+    from instantfamily_nodes.models.faces import InsightFaceEncoder
+    from instantfamily_nodes.models.faces.insightface_backend import find_model_dir
+
+    assert find_model_dir("synthetic_world", [root]) == folder
+    return InsightFaceEncoder(folder, provider="CPU", cache_dir=root / "cache")
+
+
+def test_detector_boxes_world_faces_through_insightface(world_pack):
+    from instantfamily_nodes.models.faces.encode import detect_with_ladder
+
+    world, _, root, folder = world_pack
+    enc = _encoder(root, folder)
+    worst = 1.0
+    for hw in SIZES:
+        for n in range(1, 8):
+            scene = world.scene(n, hw, "test", 50 + n)
+            dets = sorted(detect_with_ladder(enc, scene.image, 0, 1), key=lambda d: d.box[0])
+            assert len(dets) == n, (hw, n)
+            for d, gt, gk in zip(dets, scene.boxes, scene.kps):
+                worst = min(worst, _iou(d.box, gt))
+                assert np.abs(d.kps - gk).max() < 0.06 * (gt[3] - gt[1])
+    assert worst >= 0.9, worst
+    # bodies and background alone: nothing
+    scene = world.scene(4, (128, 128), "test", 9)
+    blank = scene.image.copy()
+    blank[_face_mask(scene)] = 40
+    assert enc.detect(blank, 640) == []
+
+
+def test_recognizer_through_the_pack_path(world_pack):
+    from instantfamily_nodes.models.faces import encode_faces
+    from instantfamily_nodes.synthetic.recognizer import aligned_crops, classify, embed, load_classes
+
+    world, trained, root, folder = world_pack
+    classes, meta = load_classes(folder)
+    assert classes.shape == (16, 64) and meta["identities"] == "16"
+    assert trained.heldout_accuracy > 0.6, trained.heldout_accuracy     # chance is 1/16
+    enc = _encoder(root, folder)
+    correct = total = 0
+    for i in range(12):
+        scene = world.scene(1 + i % 4, (128, 128), "test", 300 + i)
+        faces = encode_faces(enc, scene.image)
+        assert len(faces) == len(scene.identities)
+        emb = np.stack([f.embedding for f in faces])
+        assert faces[0].local.shape == (7, 7, 128)
+        # the ONNX graph (edited to expose the map) gives the torch net's embedding on the same crops
+        ref = embed(trained.net, aligned_crops(scene.image, np.stack([f.kps for f in faces])))
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        assert np.abs(emb - ref).max() < 1e-3
+        pred = classify(emb, classes)
+        correct += int((pred == np.array(scene.identities)).sum())
+        total += len(pred)
+    assert correct / total > 0.6, (correct, total)
