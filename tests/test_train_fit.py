@@ -268,9 +268,16 @@ def test_two_process_ddp_equals_one_process_accumulating(tiny, data, tmp_path, c
     one = model.trainable_state_dict()
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     assert moved > 1e-5  # the parameters did move
-    for k in one:
-        # fp32 tolerance on the update (Adam's normalised steps are ~lr): far below one step's size
-        assert torch.allclose(ddp[k], one[k], rtol=1e-5, atol=2e-6), (k, float((ddp[k] - one[k]).abs().max()))
+    worst = max(float((ddp[k] - one[k]).abs().max()) for k in one)
+    assert worst < 2e-6, worst  # fp32 round-off, far below one update (~lr = 1e-4)
+    # Adam hides a gradient's scale, so compare the last step's gradients too: DDP must average, not sum
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and set(grads) == {k[len("grad."):] for k in ddp if k.startswith("grad.")}
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for n, g in grads.items():
+        assert torch.allclose(ddp[f"grad.{n}"], g, rtol=1e-4, atol=1e-5 * scale), n
+    print(f"DDP vs 1 process: max |param diff| {worst:.2e}, max |grad diff| "
+          f"{max(float((ddp['grad.' + n] - g).abs().max()) for n, g in grads.items()):.2e} (max |grad| {scale:.2e})")
 
 
 def test_cli_under_torchrun_writes_a_checkpoint_and_resumes(tiny, data, tmp_path, comfyui):

@@ -101,7 +101,9 @@ def ddp_worker(rank: int, world: int, port: int, comfyui: str, cfg_dict: dict, s
             item = next(stream)
             F.train_step(ddp, model, opt, sched, None, groups, [(item.batch, F.loss_generator(cfg, rank, step, 0, dev))],
                          cfg, dist, step)
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, out_file)
+        if rank == 0:  # the trained tensors and the last step's (all-reduced) gradients
+            out = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
+            out.update({f"grad.{n}": p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None})
+            save_file(out, out_file)
     finally:
         torch.distributed.destroy_process_group()
