@@ -354,12 +354,10 @@ class Part:
         return cls(**json.loads(path.read_text()))
 
 
-def plan_digest(items: list[Item], settings: dict) -> str:
+def plan_digest(sources_digest: str, settings: dict) -> str:
     """Hash of everything that decides which input lands in which shard and what a shard holds."""
-    h = hashlib.sha256(json.dumps({"v": PLAN_VERSION, **settings}, sort_keys=True).encode())
-    for it in items:
-        h.update(it.source.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()[:16]
+    key = json.dumps({"v": PLAN_VERSION, "sources": sources_digest, **settings}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def count_tar_samples(path: Path) -> int:
@@ -523,15 +521,14 @@ def prepare(args: argparse.Namespace) -> int:
         from ..pose.detect import find_openpose_dir
 
         find_openpose_dir([cfg.openpose])
-    listing = list_input(args.input)
-    items = listing.items
+    listing = list_input(args.input, keep=lambda i: i % world == rank)
     settings = {"resolution": cfg.resolution, "min_size": cfg.min_size, "shard_size": args.shard_size,
                 "world": world, "face_encoder": cfg.face_encoder, "image_format": args.image_format,
                 "openpose": bool(cfg.openpose), "captioner": bool(args.captioner),
                 "latents": bool(args.cache_latents), "text": bool(args.cache_text),
                 "checkpoint": Path(args.checkpoint).name if args.checkpoint else None}
-    plan = plan_digest(items, settings)
-    mine = [(i, it) for i, it in enumerate(items) if i % world == rank]
+    plan = plan_digest(listing.digest, settings)
+    mine = listing.items
     shards = [mine[k:k + args.shard_size] for k in range(0, len(mine), args.shard_size)]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -553,7 +550,7 @@ def prepare(args: argparse.Namespace) -> int:
     part.config = {"input": str(args.input), "settings": settings, "face_encoder": cfg.face_encoder,
                    "models_root": cfg.models_root, "det_sizes": list(det_sizes), "openpose": cfg.openpose,
                    "captioner": args.captioner, "checkpoint": args.checkpoint, "source_kind": listing.kind,
-                   "inputs": len(items)}
+                   "inputs": listing.count}
     if rank == 0:
         part.listing = [[s, "skipped", r, d] for s, r, d in listing.problems]
     # A shard renamed into place by a run killed before it updated the part file still counts.
@@ -564,7 +561,7 @@ def prepare(args: argparse.Namespace) -> int:
             part.rows[name] = []
     todo = [n for n in range(len(shards)) if not (out / shard_name(rank, n)).is_file()]
     done_inputs = sum(len(shards[n]) for n in range(len(shards)) if n not in set(todo))
-    print(f"prepare rank {rank}/{world}: {len(items)} inputs ({listing.kind}), {len(mine)} for this rank in "
+    print(f"prepare rank {rank}/{world}: {listing.count} inputs ({listing.kind}), {len(mine)} for this rank in "
           f"{len(shards)} shards; {len(shards) - len(todo)} already finished ({done_inputs} inputs)", flush=True)
 
     caches = captioner = None
@@ -581,12 +578,8 @@ def prepare(args: argparse.Namespace) -> int:
         captioner = Captioner(args.captioner)
     part.save(out)
 
-    tasks = [t for n in todo for t in shards[n]]
-    shard_of = {i: n for n in todo for i, _ in shards[n]}
-    last_of = {shards[n][-1][0]: n for n in todo}
-    encoder_name = _encoder_name(cfg)
-    if tasks:
-        _run_tasks(tasks, shard_of, last_of, cfg, args, out, rank, part, caches, captioner, encoder_name)
+    if todo:
+        _run_shards(shards, todo, cfg, args, out, rank, part, caches, captioner, _encoder_name(cfg))
     part.complete = True
     part.save(out)
     done, manifest = merge(out, require_complete=False)
@@ -615,19 +608,26 @@ def _final_message(out: Path, manifest: Manifest | None) -> int:
     return 0
 
 
-def _run_tasks(tasks, shard_of, last_of, cfg, args, out, rank, part, caches, captioner, encoder_name) -> None:
+def _run_shards(shards, todo, cfg, args, out, rank, part, caches, captioner, encoder_name) -> None:
+    """Process the unfinished shards in order; the next shard's inputs are queued while this one's results
+    come in (workers never wait at a shard boundary, and at most two shards of inputs are in flight)."""
     from tqdm import tqdm
 
     if args.workers > 0:
         # spawn: CUDA (onnxruntime, torch) does not survive fork, and each worker loads the models once.
         pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(cfg,))
-        results = pool.imap(_work, tasks, chunksize=max(1, min(8, len(tasks) // (args.workers * 4) or 1)))
+        chunk = max(1, min(8, args.shard_size // (args.workers * 4)))
+
+        def submit(n: int):
+            return pool.imap(_work, shards[n], chunksize=chunk)
     else:
         pool = None
         _init_worker(cfg)
-        results = map(_work, tasks)
-    bar = tqdm(total=len(tasks), unit="img", desc=f"prepare r{rank}", disable=args.no_progress,
-               dynamic_ncols=True, smoothing=0.05)
+
+        def submit(n: int):
+            return map(_work, shards[n])
+    bar = tqdm(total=sum(len(shards[n]) for n in todo), unit="img", desc=f"prepare r{rank}",
+               disable=args.no_progress, dynamic_ncols=True, smoothing=0.05)
     current: ShardOut | None = None
     batch: list[dict] = []
     rows: list[list] = []
@@ -662,48 +662,49 @@ def _run_tasks(tasks, shard_of, last_of, cfg, args, out, rank, part, caches, cap
         batch.clear()
 
     try:
-        for kind, index, payload in results:
-            n = shard_of[index]
-            if current is None:
-                current = ShardOut(out, shard_name(rank, n), args.image_format)
-                rows, stats = [], {"written": 0, "skipped": {}, "faces": 0, "faces_cut": 0, "pose": {}}
-            if kind == "fatal":
-                raise PrepareError(f"the face encoder could not be loaded: {payload}")
-            if kind == "skip":
-                source, reason, detail = payload
-                rows.append([source, "skipped", reason, detail])
-                stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
-                n_skipped += 1
-            else:
-                r = payload
-                if not part.header:
-                    part.header = _header(r, cfg, encoder_name, caches)
+        queued = [submit(todo[0])] if todo else []
+        for k, n in enumerate(todo):
+            results = queued.pop(0)
+            if k + 1 < len(todo):
+                queued.append(submit(todo[k + 1]))
+            current = ShardOut(out, shard_name(rank, n), args.image_format)
+            rows, stats = [], {"written": 0, "skipped": {}, "faces": 0, "faces_cut": 0, "pose": {}}
+            for kind, index, payload in results:
+                if kind == "fatal":
+                    raise PrepareError(f"the face encoder could not be loaded: {payload}")
+                if kind == "skip":
+                    source, reason, detail = payload
+                    rows.append([source, "skipped", reason, detail])
+                    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+                    n_skipped += 1
                 else:
+                    r = payload
                     check = _header(r, cfg, encoder_name, caches)
-                    if check != part.header:
+                    if not part.header:
+                        part.header = check
+                    elif check != part.header:
                         raise PrepareError(f"{r['source']}: face features {check} differ from earlier photos' "
                                            f"{part.header}; this should not happen with one encoder")
-                if r["faces_cut"]:
-                    rows.append([r["source"], "kept", "faces cut off by the crop",
-                                 f"{r['faces_cut']} face(s) dropped, {len(r['face_boxes'])} kept"])
-                stats["written"] += 1
-                stats["faces"] += len(r["face_boxes"])
-                stats["faces_cut"] += r["faces_cut"]
-                stats["pose"][r["pose_source"]] = stats["pose"].get(r["pose_source"], 0) + 1
-                batch.append(r)
-                if len(batch) >= args.batch_size:
-                    flush()
-            bar.update(1)
-            bar.set_postfix(skipped=n_skipped, refresh=False)
-            if index in last_of:
-                flush()
-                current.close()
-                name = current.final.name
-                part.shards[name] = current.count
-                part.rows[name] = rows
-                part.stats[name] = stats
-                part.save(out)
-                current = None
+                    if r["faces_cut"]:
+                        rows.append([r["source"], "kept", "faces cut off by the crop",
+                                     f"{r['faces_cut']} face(s) dropped, {len(r['face_boxes'])} kept"])
+                    stats["written"] += 1
+                    stats["faces"] += len(r["face_boxes"])
+                    stats["faces_cut"] += r["faces_cut"]
+                    stats["pose"][r["pose_source"]] = stats["pose"].get(r["pose_source"], 0) + 1
+                    batch.append(r)
+                    if len(batch) >= args.batch_size:
+                        flush()
+                bar.update(1)
+                bar.set_postfix(skipped=n_skipped, refresh=False)
+            flush()
+            current.close()
+            name = current.final.name
+            part.shards[name] = current.count
+            part.rows[name] = rows
+            part.stats[name] = stats
+            part.save(out)
+            current = None
     except BaseException:
         if current is not None:
             current.abort()

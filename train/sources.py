@@ -14,10 +14,12 @@ Beside each photo (or sample of a tar) may sit:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +66,28 @@ class Item:
 
 @dataclass
 class Listing:
-    """The items of an input plus the problems found while listing (e.g. a truncated tar)."""
+    """The items of an input this process keeps, plus what is known of all of them.
 
-    kind: str                                          # "folder", "manifest" or "tar"
-    items: list[Item] = field(default_factory=list)
+    Every input gets an index in listing order; only those ``keep(index)`` accepts are stored (a rank
+    holds its own share, not the whole list), while ``count`` and ``digest`` (a hash of every source, for
+    the rerun plan) cover all inputs."""
+
+    kind: str                                                   # "folder", "manifest" or "tar"
+    keep: Callable[[int], bool] = lambda i: True
+    items: list[tuple[int, Item]] = field(default_factory=list)
+    count: int = 0
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reason, detail)
+    _hash: object = field(default_factory=hashlib.sha256, repr=False)
+
+    def add(self, source: str, make: Callable[[], Item]) -> None:
+        self._hash.update(source.encode("utf-8", "surrogateescape") + b"\0")
+        if self.keep(self.count):
+            self.items.append((self.count, make()))
+        self.count += 1
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
 
 
 # ---------------------------------------------------------------- listing
@@ -84,9 +103,9 @@ def expand_input(spec: str) -> list[Path]:
     return [Path(p).expanduser() for p in braceexpand.braceexpand(spec)]
 
 
-def list_input(spec: str) -> Listing:
+def list_input(spec: str, keep: Callable[[int], bool] = lambda i: True) -> Listing:
     """The items of ``--input``: a folder of photos (or of .tar shards), a .jsonl/.csv/.parquet manifest,
-    a .tar file or a brace pattern of them."""
+    a .tar file or a brace pattern of them. ``keep(index)``: which inputs to store (see :class:`Listing`)."""
     paths = expand_input(spec)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -100,15 +119,15 @@ def list_input(spec: str) -> Listing:
             raise InputError(f"--input {folder}: holds both photos and .tar shards; point --input at one kind "
                              f"(e.g. {tars[0].parent} for the shards)")
         if tars:
-            return list_tars(tars)
+            return list_tars(tars, keep)
         if not images:
             raise InputError(f"--input {folder}: no photos found (looked for {', '.join(IMAGE_EXTS)} in the folder "
                              "and its subfolders) and no .tar shards; put photos with same-name .txt captions there")
-        return list_folder(folder, images)
+        return list_folder(folder, images, keep)
     if all(p.is_file() and p.name.endswith(".tar") for p in paths):
-        return list_tars(paths)
+        return list_tars(paths, keep)
     if len(paths) == 1 and paths[0].suffix.lower() in MANIFEST_EXTS:
-        return list_manifest(paths[0])
+        return list_manifest(paths[0], keep)
     raise InputError(f"--input {spec}: expected a folder of photos, a folder of .tar shards, a .tar file (or a "
                      f"brace pattern of them), or a manifest ({', '.join(MANIFEST_EXTS)})")
 
@@ -121,62 +140,71 @@ def _sidecars(image: Path) -> dict[str, Part | None]:
             "meta_part": Part(str(meta)) if meta.is_file() else None}
 
 
-def list_folder(folder: Path, images: list[Path] | None = None) -> Listing:
+def list_folder(folder: Path, images: list[Path] | None = None, keep: Callable[[int], bool] = lambda i: True) -> Listing:
     images = images if images is not None else sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p))
-    return Listing("folder", [Item(source=str(p), image=Part(str(p)), **_sidecars(p)) for p in images])
+    listing = Listing("folder", keep)
+    for p in images:
+        listing.add(str(p), lambda p=p: Item(source=str(p), image=Part(str(p)), **_sidecars(p)))
+    return listing
 
 
-def _manifest_rows(path: Path) -> list[dict]:
+def _manifest_rows(path: Path) -> Iterator[dict]:
+    """Rows one at a time (a manifest of millions of rows is never held whole)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {n} is not JSON ({e.msg}); each line must be "
-                                 '{"path": ..., "caption": ...}') from e
-            if not isinstance(row, dict):
-                raise InputError(f"{path}: line {n} is not a JSON object with path and caption")
-            rows.append(row)
-        return rows
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}: line {n} is not JSON ({e.msg}); each line must be "
+                                     '{"path": ..., "caption": ...}') from e
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}: line {n} is not a JSON object with path and caption")
+                yield row
+        return
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            yield from csv.DictReader(f)
+        return
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert the manifest "
                          "to .jsonl or .csv with columns path, caption") from None
-    return pq.read_table(path).to_pylist()
+    for batch in pq.ParquetFile(path).iter_batches():
+        yield from batch.to_pylist()
 
 
-def list_manifest(path: Path) -> Listing:
+def list_manifest(path: Path, keep: Callable[[int], bool] = lambda i: True) -> Listing:
     """Rows with ``path`` (relative to the manifest's folder or absolute), ``caption`` and optionally
     ``pose`` (a keypoint JSON path)."""
-    rows = _manifest_rows(path)
-    if not rows:
-        raise InputError(f"{path}: the manifest has no rows")
-    if "path" not in rows[0]:
-        raise InputError(f"{path}: no 'path' column (columns: {sorted(rows[0])}); expected path, caption")
     base = path.parent
-    items = []
-    for row in rows:
-        p = Path(str(row.get("path") or ""))
-        p = p if p.is_absolute() else base / p
+    listing = Listing("manifest", keep)
+
+    def item(p: Path, row: dict) -> Item:
         caption = row.get("caption")
         # pandas-written files give NaN for an empty caption cell
         caption = None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
         pose = row.get("pose")
         side = _sidecars(p)
         problem = "" if p.is_file() else "file not found"
-        items.append(Item(source=str(p), image=Part(str(p)) if not problem else None, caption=caption,
-                          caption_part=side["caption_part"] if caption is None else None,
-                          pose_part=Part(str(base / str(pose))) if pose else side["pose_part"],
-                          meta_part=None if pose else side["meta_part"], problem=problem))
-    return Listing("manifest", items)
+        return Item(source=str(p), image=Part(str(p)) if not problem else None, caption=caption,
+                    caption_part=side["caption_part"] if caption is None else None,
+                    pose_part=Part(str(base / str(pose))) if pose else side["pose_part"],
+                    meta_part=None if pose else side["meta_part"], problem=problem)
+
+    for n, row in enumerate(_manifest_rows(path)):
+        if n == 0 and "path" not in row:
+            raise InputError(f"{path}: no 'path' column (columns: {sorted(row)}); expected path, caption")
+        p = Path(str(row.get("path") or ""))
+        p = p if p.is_absolute() else base / p
+        listing.add(str(p), lambda p=p, row=row: item(p, row))
+    if listing.count == 0:
+        raise InputError(f"{path}: the manifest has no rows")
+    return listing
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -186,11 +214,11 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), (ext.lower() if dot else "")
 
 
-def list_tars(tars: list[Path]) -> Listing:
+def list_tars(tars: list[Path], keep: Callable[[int], bool] = lambda i: True) -> Listing:
     """Samples of img2dataset-style tars (``key.jpg`` + ``key.txt`` [+ ``key.json``]) by member headers only
     (tarfile seeks over the data). A tar cut off mid-file keeps the samples whose headers were read; a
     member whose data is cut short fails when read, and the listing reports where the tar ends."""
-    listing = Listing("tar")
+    listing = Listing("tar", keep)
     for tar_path in tars:
         groups: dict[str, dict[str, Part]] = {}
         order: list[str] = []
@@ -216,9 +244,9 @@ def list_tars(tars: list[Path]) -> Listing:
         for key in order:
             g = groups[key]
             image = next((g[k] for k in ("jpg", "jpeg", "png", "webp") if k in g), None)
-            listing.items.append(Item(source=f"{tar_path}:{key}", image=image, caption_part=g.get("txt"),
-                                      pose_part=g.get("pose.json"), meta_part=g.get("json"),
-                                      problem="" if image is not None else "no image in the sample"))
+            listing.add(f"{tar_path}:{key}", lambda key=key, g=g, image=image: Item(
+                source=f"{tar_path}:{key}", image=image, caption_part=g.get("txt"), pose_part=g.get("pose.json"),
+                meta_part=g.get("json"), problem="" if image is not None else "no image in the sample"))
     return listing
 
 
