@@ -1,6 +1,7 @@
 """Pose nodes: ComfyUI values in, ``pose`` core calls, ComfyUI values (and previews) out."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -151,8 +152,8 @@ class PoseFromJSON(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def execute(cls, path, coords, canvas_width, canvas_height) -> io.NodeOutput:
+    @staticmethod
+    def _file(path: str) -> Path:
         if not path.strip():
             raise ValueError("path: give the path of a keypoint JSON file")
         p = Path(path.strip()).expanduser()
@@ -160,7 +161,19 @@ class PoseFromJSON(io.ComfyNode):
             import folder_paths
 
             p = Path(folder_paths.get_input_directory()) / p
-        frames = keypoints.load_pose_json(p, coords, (canvas_height, canvas_width))
+        return p
+
+    @classmethod
+    def fingerprint_inputs(cls, path, **kwargs) -> str:
+        """The file's content hash: ComfyUI reruns the node when the file is edited under the same path."""
+        try:
+            return hashlib.sha256(cls._file(path).read_bytes()).hexdigest()
+        except (OSError, ValueError):
+            return f"unreadable:{path}"   # execute() reports what is wrong
+
+    @classmethod
+    def execute(cls, path, coords, canvas_width, canvas_height) -> io.NodeOutput:
+        frames = keypoints.load_pose_json(cls._file(path), coords, (canvas_height, canvas_width))
         preview = _image_out(render.render_skeletons(frames[0].people, frames[0].canvas_hw))
         return io.NodeOutput(keypoints.to_pose_keypoint(frames), preview, ui=ui.PreviewImage(preview, cls=cls))
 

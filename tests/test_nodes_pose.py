@@ -250,3 +250,29 @@ def test_a_canvas_of_another_aspect_is_refused_not_stretched(pn):
     assert control.shape == (1, 256, 384, 3) and m.shape == (2, 256, 384)
     control, m, _ = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 1152, "height": 0}).args
     assert m.shape == (2, 768, 1152)
+
+
+def test_pose_from_json_reruns_when_the_file_changes(pn, tmp_path):
+    """Issue 9, defect 5: ComfyUI caches a node by its inputs; the path stays the same when the file
+    is edited, so the node fingerprints the file's content."""
+    import execution
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.setdefault("InstantFamilyPoseFromJSON", pn.PoseFromJSON)
+    path = tmp_path / "pose.json"
+    path.write_text(json.dumps(pn.templates.template_pose_keypoint("2_standing_duo")))
+    prompt = {"1": {"class_type": "InstantFamilyPoseFromJSON",
+                    "inputs": {"path": str(path), "coords": "auto", "canvas_width": 512, "canvas_height": 512}}}
+    ex = execution.PromptExecutor(_Server())
+
+    def cached_nodes(pid: str) -> list:
+        # a fresh prompt dict each time, as the server gets (ComfyUI stores the fingerprint in it)
+        ex.execute(json.loads(json.dumps(prompt)), pid, {}, ["1"])
+        assert ex.success, ex.status_messages
+        return [m[1]["nodes"] for m in ex.status_messages if m[0] == "execution_cached"][0]
+
+    assert cached_nodes("a") == []
+    assert cached_nodes("b") == ["1"]                 # unchanged file: served from the cache
+    path.write_text(json.dumps(pn.templates.template_pose_keypoint("3_standing_trio")))
+    assert cached_nodes("c") == []                    # edited file: runs again
+    assert cached_nodes("d") == ["1"]
