@@ -372,7 +372,8 @@ def test_controlnet_init_from_a_file_and_refusals(tiny, tmp_path):
     tiny_mod.init_weights(net, 0)
     other = tmp_path / "other_controlnet.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(other))
-    with pytest.raises(ModelSetupError, match="controlnet_init"):
+    with pytest.raises(ModelSetupError, match=r"controlnet_init: .* input_blocks\.\S+ is \(\d+.*\) in the "
+                       r"ControlNet but \(\d+.*\) in the UNet"):
         build(tiny, controlnet_init=str(other))
     pickled = tmp_path / "x.ckpt"
     pickled.write_bytes(b"0")

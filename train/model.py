@@ -133,11 +133,37 @@ def controlnet_from_unet(unet: nn.Module, unet_config: dict, seed: int = 0) -> n
     return net
 
 
+def _check_controlnet_shapes(path: Path, unet: nn.Module) -> None:
+    """Before ComfyUI's loader guesses a model type: the encoder tensors a cldm file shares with the
+    UNet (input blocks, middle block, time embedding) must have the UNet's shapes."""
+    from safetensors import safe_open
+
+    ref = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            prefix = "control_model." if any(k.startswith("control_model.") for k in keys) else ""
+            for k in keys:
+                name = k[len(prefix):] if k.startswith(prefix) else k
+                if name.startswith(("input_blocks.", "middle_block.", "time_embed.")) and name in ref:
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if shape != ref[name]:
+                        raise ModelSetupError(
+                            f"controlnet_init: {path.name} does not fit the checkpoint: {name} is {shape} in the "
+                            f"ControlNet but {ref[name]} in the UNet; use an SD1.5 ControlNet made for this base "
+                            "model's architecture")
+    except ModelSetupError:
+        raise
+    except Exception as e:
+        raise ModelSetupError(f"controlnet_init: {path} is not a readable safetensors file ({e})") from None
+
+
 def controlnet_from_file(path: str, unet: nn.Module, unet_config: dict) -> nn.Module:
     """An SD1.5 (cldm) ControlNet file through ComfyUI's loader, checked against the UNet's shapes."""
     import comfy.controlnet
 
     p = _require_safetensors(path, "controlnet_init")
+    _check_controlnet_shapes(p, unet)
     try:
         control = comfy.controlnet.load_controlnet(str(p), model_options={"dtype": torch.float32})
     except Exception as e:  # ComfyUI's detector raises assorted errors on foreign files
@@ -218,6 +244,7 @@ class TrainModel(nn.Module):
         self.register_buffer("empty_text", empty_text, persistent=False)
         self.device = torch.device(device)
         self._scope: dict | None = None
+        self.moa = None  # MoA experts + routers in the UNet (train/moa.py) when cfg.moa
         self.projection.requires_grad_(bool(cfg.train_projection))
         self.controlnet.requires_grad_(bool(cfg.train_controlnet))
 
@@ -263,6 +290,10 @@ class TrainModel(nn.Module):
                    empty, clip=clip, vae=vae, device=device)
         self.projection.to(device)
         self.to(device)
+        if getattr(cfg, "moa", False):
+            from .moa import attach   # MoA (issue 12): UNet attention -> MoA layers, group "moa"
+
+            attach(self)
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         return self
@@ -285,6 +316,8 @@ class TrainModel(nn.Module):
             groups["projection"] = list(self.projection.parameters())
         if self.cfg.train_controlnet:
             groups["controlnet"] = list(self.controlnet.parameters())
+        if self.moa is not None:
+            groups["moa"] = self.moa.parameters_list()
         return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -292,6 +325,8 @@ class TrainModel(nn.Module):
         way): keys "projection.<name>" and "controlnet.<name>" (cldm key layout)."""
         out = {f"projection.{k}": v for k, v in self.projection.state_dict().items()}
         out.update({f"controlnet.{k}": v for k, v in self.controlnet.state_dict().items()})
+        if self.moa is not None:
+            out.update(self.moa.state())   # "moa.<module path>.<param>", the weight file's keys
         return out
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
@@ -310,6 +345,8 @@ class TrainModel(nn.Module):
                            "written by another model setup")
         self.projection.load_state_dict({k[len("projection."):]: v for k, v in sd.items() if k.startswith("projection.")})
         self.controlnet.load_state_dict({k[len("controlnet."):]: v for k, v in sd.items() if k.startswith("controlnet.")})
+        if self.moa is not None:
+            self.moa.load_state(sd)
 
     # ------------------------------------------------------------ inputs
     @property
@@ -389,6 +426,8 @@ class TrainModel(nn.Module):
             # the skip is stored lets the next block read a copy, so the in-place add hits a tensor
             # nothing saved; the result is the same as inference.
             options["patches"] = {"input_block_patch_after_skip": [_copy_for_next_block]}
+        if self.moa is not None:
+            options.update(self.moa.options())
         return self.unet(z_t, timesteps=timesteps, context=context, control=control, transformer_options=options)
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -403,6 +442,8 @@ class TrainModel(nn.Module):
         with self._autocast():
             context, layout = stack_context(text, self.id_tokens(batch, batch.drop_ids).to(text.dtype))
             eps = self.predict_noise(z_t, t, context, batch.control.to(self.device), self.binding(batch, layout))
+        if self.moa is not None:
+            return self.moa.loss(eps, noise, batch)   # reconstruction (+ masked option) + router loss
         return F.mse_loss(eps.float(), noise)
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
