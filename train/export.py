@@ -34,7 +34,7 @@ def split_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     """(projection, controlnet) state dicts from a trainable state dict (``TrainModel.trainable_state_dict``)."""
     proj = {k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")}
     ctrl = {k[len("controlnet."):]: v for k, v in state.items() if k.startswith("controlnet.")}
-    other = sorted(k for k in state if not k.startswith(("projection.", "controlnet.")))
+    other = sorted(k for k in state if not k.startswith(("projection.", "controlnet.", "moa.")))
     if other:
         raise ExportError(f"checkpoint model state has keys outside projection./controlnet. (e.g. {other[0]!r}); "
                           "it was not written by train fit")
@@ -83,7 +83,8 @@ def export_files(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], o
         if Path(out).suffix != ".safetensors":
             raise ExportError(f"{out}: output files must end in .safetensors")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic(out_weights, lambda tmp: save_weights(tmp, meta, projection, metadata=info))
+    moa = {k: v.float() for k, v in state.items() if k.startswith("moa.")}   # MoA experts + routers (train/moa.py)
+    _atomic(out_weights, lambda tmp: save_weights(tmp, meta, projection, extra=moa or None, metadata=info))
     tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in ctrl_sd.items()}
     _atomic(out_controlnet, lambda tmp: save_file(tensors, tmp, metadata={"format": CONTROLNET_TAG, **info}))
     return meta

@@ -137,7 +137,7 @@ def loss_generator(cfg: TrainConfig, rank: int, step: int, micro: int, device: t
 
 
 def build_optimizer(cfg: TrainConfig, groups: dict[str, list[torch.nn.Parameter]]) -> torch.optim.AdamW:
-    lrs = {"projection": cfg.lr_projection, "controlnet": cfg.lr_controlnet}
+    lrs = {"projection": cfg.lr_projection, "controlnet": cfg.lr_controlnet, "moa": cfg.lr_moa}
     param_groups = []
     for name, params in groups.items():
         if name not in lrs:
