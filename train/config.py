@@ -70,6 +70,15 @@ class TrainConfig:
     validation_cfg: float = 5.0
     face_encoder: str = ""              # "" = no identity scores at validation; else an evaluate/ encoder name
     models_root: str = ""               # where that encoder's weights live (ComfyUI models folder)
+    # --- MoA (train/moa.py): prior + personalised experts and per-pixel routers in the UNet
+    moa: bool = False
+    moa_self_attention: bool = False    # also the self-attention layers (the paper replaces all)
+    moa_router: str = "linear"          # linear | mlp
+    lr_moa: float = 1e-5
+    moa_router_weight: float = 1e-4     # router loss weight (paper)
+    moa_masked_loss: bool = False       # reconstruction loss on the ID masks only
+    moa_exclude_first: int = 2          # transformer blocks left out of the router loss
+    moa_exclude_last: int = 3
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, carried into checkpoints
 
     # ------------------------------------------------------------------ checks
