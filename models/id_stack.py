@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .faces.encode import require_local
 from .faces.types import Faces
 from .projection import IDProjection
 
@@ -38,12 +39,7 @@ def project_faces(faces: Faces, projection: IDProjection, face_encoder: str) -> 
     """Project every face of ``faces`` (global + local features) into ID tokens."""
     if len(faces) == 0:
         raise ValueError("faces: no identities given; encode at least one face")
-    missing = [i for i, f in enumerate(faces) if f.local is None]
-    if missing:
-        raise ValueError(
-            f"faces: ID(s) {missing} have no local feature map (encoder {faces.encoder or 'unknown'!r}); "
-            "InstantFamily needs global + local features: use the insightface backend, not dlib"
-        )
+    require_local(faces, "faces: the ID projection")
     if faces.encoder and faces.encoder != face_encoder:
         raise ValueError(f"faces were encoded with {faces.encoder!r}, but the weights were trained on "
                          f"{face_encoder!r}; encode the faces with the same model")

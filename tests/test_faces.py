@@ -232,8 +232,15 @@ def test_padded_retry_finds_a_face_that_fills_the_frame(enc, grace):
 
 
 def test_dlib_faces_have_no_local_features_and_say_so(group_faces):
+    from instantfamily_nodes.models.id_stack import project_faces
+    from instantfamily_nodes.models.projection import IDProjection, ProjectionConfig
+
     with pytest.raises(NoLocalFeaturesError, match=r"projection.*'dlib'.*insightface backend"):
         require_local(group_faces, "The ID projection")
+    # Issue 9, defect 6: the live path (Project IDs) raises the documented error too, naming the IDs.
+    projection = IDProjection(ProjectionConfig(d_gf=128, d_lf=8, side=2, d_k=16))
+    with pytest.raises(NoLocalFeaturesError, match=r"ID\(s\) \[0, 1, 2, 3, 4, 5\] have no local feature map.*'dlib'"):
+        project_faces(group_faces, projection, "dlib")
 
 
 def test_preview_boxes_each_face_in_its_id_colour(group, group_faces):

@@ -127,11 +127,13 @@ def encode_faces(
 
 
 def require_local(faces: Faces, step: str) -> None:
-    """For steps that need the local feature map: a clear error instead of inventing one."""
-    if not faces.has_local:
+    """For steps that need the local feature map: a clear error naming the IDs without one."""
+    missing = [i for i, f in enumerate(faces) if f.local is None]
+    if missing or not len(faces):
         raise NoLocalFeaturesError(
-            f"{step} needs the local face features (the recognition network's 2-D feature map), but "
-            f"these faces come from '{faces.encoder or 'an encoder without one'}', which has none. "
+            f"{step} needs the local face features (the recognition network's 2-D feature map), but ID(s) "
+            f"{missing} have no local feature map: these faces come from "
+            f"'{faces.encoder or 'an encoder without one'}', which has none. "
             "Encode the faces with the insightface backend (antelopev2 or buffalo_l)."
         )
 
