@@ -6,14 +6,25 @@ ComfyUI's own loader loaded (the exported tensors must fit them), and a falling 
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+import test_train_model
 import torch
 import torch.nn.functional as F
-
-from instantfamily_nodes.attention.moa import MoAConfig, MoALayer, load_moa_state_dict, moa_layers
+from instantfamily_nodes.attention.moa import (
+    MoAConfig,
+    MoALayer,
+    load_moa_state_dict,
+    moa_layers,
+)
 from instantfamily_nodes.train.batch import make_batch
-from test_train_model import build, cfg_for, make_sample, one_thread, tiny  # noqa: F401  (fixtures)
+from test_train_model import build, cfg_for, make_sample
+
+# The trainer tests' fixtures: the tiny set, one thread (per-op overhead dominates these networks).
+tiny = test_train_model.tiny
+one_thread = test_train_model.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +106,7 @@ def test_a_few_steps_make_the_router_loss_fall(tiny, batch):
         opt.step()
         routers.append(float(m.moa.last["router"]))
     assert all(np.isfinite(routers))
-    assert all(b < a for a, b in zip(routers, routers[1:])), routers
+    assert all(b < a for a, b in itertools.pairwise(routers)), routers
     assert routers[-1] < 0.7 * routers[0], routers
 
 

@@ -33,7 +33,14 @@ from torch import nn
 
 from ..attention.layer import install_layers
 from ..attention.moa import (
-    MOA_KEY, ROUTERS, MoABinding, MoAConfig, MoALayer, load_moa_state_dict, moa_layers, moa_state_dict,
+    MOA_KEY,
+    ROUTERS,
+    MoABinding,
+    MoAConfig,
+    MoALayer,
+    load_moa_state_dict,
+    moa_layers,
+    moa_state_dict,
 )
 
 GROUP = "moa"
@@ -49,7 +56,7 @@ class MoASettings:
     exclude_last: int = 3
 
     @classmethod
-    def from_config(cls, cfg) -> "MoASettings":
+    def from_config(cls, cfg) -> MoASettings:
         """The ``moa_*`` keys of a TrainConfig (defaults where a config predates them)."""
         s = cls(self_attention=bool(getattr(cfg, "moa_self_attention", False)),
                 router=str(getattr(cfg, "moa_router", "linear")),
