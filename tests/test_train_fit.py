@@ -8,7 +8,8 @@ WebDataset shards written with the shard format's encoder (tests/train_data.py).
   uninterrupted run; resume with another config names the keys;
 - the first non-finite loss / gradient stops with the step and the parameter group;
 - 2-process gloo DDP equals 1 process accumulating the same two micro-batches (fp32 tolerance);
-- the CLI under torchrun (2 processes) writes a checkpoint and resumes.
+- the CLI under torchrun (2 processes) writes checkpoints and the log; a resume with another config or
+  another process count is refused before any model loads.
 """
 from __future__ import annotations
 
@@ -280,25 +281,30 @@ def test_two_process_ddp_equals_one_process_accumulating(tiny, data, tmp_path, c
           f"{max(float((ddp['grad.' + n] - g).abs().max()) for n, g in grads.items()):.2e} (max |grad| {scale:.2e})")
 
 
-def test_cli_under_torchrun_writes_a_checkpoint_and_resumes(tiny, data, tmp_path, comfyui):
-    cfg_file = tmp_path / "cfg.toml"
-    cfg = cfg_for(data, tmp_path / "cli", tiny, steps=2, log_every=1, checkpoint_every=1, keep_last=2)
+def test_cli_under_torchrun_writes_checkpoints_and_refuses_a_different_resume(tiny, data, tmp_path, comfyui):
     from instantfamily_nodes.train.config import save_config_toml
 
-    cfg_file.write_text(save_config_toml(cfg))
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(save_config_toml(cfg_for(data, tmp_path / "cli", tiny, steps=5, checkpoint_every=1,
+                                                 keep_last=2)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COMFYUI_PATH": str(comfyui)}
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", "instantfamily_nodes.train", "fit", "--config", str(cfg_file),
-            "--no-progress"]
-    r = subprocess.run(base + ["--set", "steps=1"], capture_output=True, text=True, timeout=300, env=env,
-                       check=False)
+    cli = ["-m", "instantfamily_nodes.train", "fit", "--config", str(cfg_file), "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    r = subprocess.run(torchrun + cli + ["--set", "steps=2"], capture_output=True, text=True, timeout=300,
+                       env=env, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 1/1" in r.stdout
-    r = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train fit: step 2/2, done" in r.stdout
     ck = load_checkpoint(tmp_path / "cli" / "checkpoints")
-    assert ck.step == 2 and ck.data_position["world"] == 2 and ck.data_position["next_batch"] == 2
-    assert ck.config["steps"] == 2 and "resumed from" in r.stderr
-    r = subprocess.run(base + ["--resume", "--set", "seed=5"],
-                       capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert r.returncode != 0 and "'seed'" in r.stderr
+    assert ck.step == 2 and ck.config["steps"] == 2
+    assert ck.data_position["world"] == 2 and ck.data_position["next_batch"] == 2
+    assert sorted(p.name for p in (tmp_path / "cli" / "checkpoints").iterdir()) == ["step-000000001", "step-000000002"]
+    rows = list(csv.DictReader(open(tmp_path / "cli" / "logs" / "train.csv")))
+    assert [r["step"] for r in rows] == ["1", "2"]  # rank 0 alone writes the log
+
+    # resumes that would not continue the same run fail fast (before loading any model), naming the reason
+    one = [sys.executable] + cli + ["--resume", "--set", "steps=4"]
+    r = subprocess.run(one + ["--set", "seed=5"], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert r.returncode == 2 and "config differs in ['seed']" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(one, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert r.returncode == 2 and "world = 2" in r.stderr, r.stderr[-2000:]
