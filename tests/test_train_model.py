@@ -401,3 +401,15 @@ def test_paper_mode_trains_too(tiny, batch):
     assert torch.isfinite(loss)
     assert m.projection.local_proj.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in m.projection.parameters())
+
+
+def test_dropped_captions_become_the_empty_prompt(model, batch):
+    import comfy.sd  # noqa: F401  (the model's CLIP is ComfyUI's)
+
+    drop = torch.tensor([True, False])
+    text = model.encode_text(batch, drop)
+    empty = model.clip.encode_from_tokens(model.clip.tokenize("")).float()[0]
+    caption = model.clip.encode_from_tokens(model.clip.tokenize(batch.caption[1])).float()[0]
+    torch.testing.assert_close(text[0], empty)
+    torch.testing.assert_close(text[1], caption)
+    assert not torch.allclose(empty, caption)

@@ -402,8 +402,10 @@ class TrainModel(nn.Module):
     def binding(self, batch: Batch, layout) -> IdentityBinding:
         """Per-sample masks; strength 1 for filled slots (dropped IDs too: null tokens visible in their
         masks, as the uncond branch at inference), 0 for empty slots."""
-        strength = batch.id_present.to(torch.float32).cpu()
-        return IdentityBinding(layout, IDMasks(batch.masks.to(torch.float32), strength), mode=self.cfg.attention_mode)
+        # On the model's device: the per-layer mask resizing then runs there too (4 grids a step).
+        strength = batch.id_present.to(self.device, torch.float32)
+        masks = batch.masks.to(self.device, torch.float32)
+        return IdentityBinding(layout, IDMasks(masks, strength), mode=self.cfg.attention_mode)
 
     # ------------------------------------------------------------ the networks
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor,
