@@ -17,7 +17,7 @@ from ..evaluate.report import sheet_row, text_summary
 from ..evaluate.run import Request, evaluate
 from ..evaluate.score import MATCH_MODES
 from ..models.faces.image import as_image_list
-from .faces import FACE_ENCODER, FACES, image_tensor_to_list, previews_to_tensor
+from .values import FACE_ENCODER, FACES, image_arrays, images_out
 
 CATEGORY = "InstantFamily/evaluate"
 
@@ -110,7 +110,7 @@ class ScoreIdentities(io.ComfyNode):
 
         if references is None or len(references) == 0:
             raise EvaluationInputError("references: no faces; connect Encode Faces with one face per ID")
-        rgb = as_image_list(image_tensor_to_list(images))
+        rgb = as_image_list(image_arrays(images))
         n = len(references)
         masks = split_masks(id_masks, len(rgb), n)
         prompts = split_prompts(prompt, len(rgb))
@@ -124,7 +124,7 @@ class ScoreIdentities(io.ComfyNode):
         result = evaluate(face_encoder, references, names, requests, match=match, min_overlap=min_overlap,
                           textsim=ts, progress=lambda done: bar.update_absolute(done, len(rgb)))
         rows = [np.asarray(sheet_row(result, sc, im)) for sc, im in zip(result.scores, rgb)]
-        preview = previews_to_tensor(rows)
+        preview = images_out(rows)
         return io.NodeOutput(text_summary(result), json.dumps(result.to_dict()), preview,
                              ui=ui.PreviewImage(preview, cls=cls))
 

@@ -18,9 +18,8 @@ from ..models.faces.insightface_backend import (DEFAULT_DET_SIZES, DEFAULT_MODEL
 from ..models.faces.ordering import ORDERS, parse_index_list
 from ..models.faces.preview import draw_faces
 from ..models.faces.providers import PROVIDER_CHOICES
+from .values import FACE_ENCODER, FACES, image_arrays, images_out
 
-FACES = io.Custom("INSTANTFAMILY_FACES")
-FACE_ENCODER = io.Custom("INSTANTFAMILY_FACE_ENCODER")
 
 BACKENDS = ("insightface", "dlib")
 CATEGORY = "InstantFamily/faces"
@@ -59,21 +58,6 @@ def parse_det_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 32:
         raise ValueError(f"det_sizes: expected sizes of at least 32 like '640, 480, 320', got {text!r}")
     return sizes
-
-
-def image_tensor_to_list(images: torch.Tensor) -> list[np.ndarray]:
-    """ComfyUI IMAGE [B, H, W, C] float 0-1 -> list of HxWxC float32 arrays (the core converts)."""
-    return [im for im in images.detach().cpu().float().numpy()]
-
-
-def previews_to_tensor(previews: list[np.ndarray]) -> torch.Tensor:
-    """Annotated images -> one IMAGE batch; smaller images are padded (black) to the largest size."""
-    h = max(p.shape[0] for p in previews)
-    w = max(p.shape[1] for p in previews)
-    out = torch.zeros((len(previews), h, w, 3), dtype=torch.float32)
-    for i, p in enumerate(previews):
-        out[i, : p.shape[0], : p.shape[1]] = torch.from_numpy(p.astype(np.float32) / 255.0)
-    return out
 
 
 class FaceEncoderLoader(io.ComfyNode):
@@ -155,12 +139,12 @@ class EncodeFaces(io.ComfyNode):
         arrays: list[np.ndarray] = []
         for t in (images, images_2, images_3, images_4):
             if t is not None:
-                arrays += image_tensor_to_list(t)
+                arrays += image_arrays(t)
         rgb = as_image_list(arrays)
         bar = comfy.utils.ProgressBar(len(rgb))
         faces = encode_faces(face_encoder, rgb, faces_per_image=faces_per_image, order=id_order,
                              index_list=index_list, progress=lambda done, total: bar.update_absolute(done, total))
-        preview = previews_to_tensor(draw_faces(rgb, faces))
+        preview = images_out(draw_faces(rgb, faces))
         return io.NodeOutput(faces, preview)
 
 

@@ -5,16 +5,14 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
 from ..pose import assign, detect, faceboxes, keypoints, kps5, render, templates
 from ..pose import masks as mask_core
 from ..pose.canvas import fit_canvas
+from .values import FACES, POSE_KEYPOINT, image_out, images_uint8
 
-PoseKeypoint = io.Custom("POSE_KEYPOINT")
-FacesType = io.Custom("INSTANTFAMILY_FACES")
 
 CATEGORY = "InstantFamily/pose"
 MAX_SIDE = 8192
@@ -26,22 +24,6 @@ ORDER_TOOLTIP = (
     "('1,-,0'). People beyond the listed ones get no ID."
 )
 OPENPOSE_FOLDER = "controlnet_aux"
-
-
-# ---------------------------------------------------------------- conversions
-
-def _image_out(arr: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> IMAGE [1, H, W, 3] float32."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).float().div(255.0).unsqueeze(0)
-
-
-def _image_in(t: torch.Tensor) -> np.ndarray:
-    """IMAGE [B, H, W, C] float -> (B, H, W, 3) uint8."""
-    a = t.detach().cpu().float().numpy()
-    if a.ndim == 3:
-        a = a[None]
-    a = a[..., :3]
-    return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
 
 
 def _frames(pose, frame: int = 0) -> keypoints.PoseFrame:
@@ -114,7 +96,7 @@ class PoseTemplate(io.ComfyNode):
                                tooltip="Pose layout; the leading number is how many people it holds."),
             ],
             outputs=[
-                PoseKeypoint.Output(display_name="pose", tooltip="POSE_KEYPOINT, normalised coordinates."),
+                POSE_KEYPOINT.Output(display_name="pose", tooltip="POSE_KEYPOINT, normalised coordinates."),
                 io.Image.Output(display_name="preview", tooltip="Skeletons with ID circles, IDs left to right."),
             ],
         )
@@ -123,7 +105,7 @@ class PoseTemplate(io.ComfyNode):
     def execute(cls, template) -> io.NodeOutput:
         frame = templates.load_template(template)
         ids = assign.assign_ids(frame.people, len(frame.people))
-        preview = _image_out(render.render_control(frame.people, ids, frame.canvas_hw))
+        preview = image_out(render.render_control(frame.people, ids, frame.canvas_hw))
         return io.NodeOutput(templates.template_pose_keypoint(template), preview,
                              ui=ui.PreviewImage(preview, cls=cls))
 
@@ -147,7 +129,7 @@ class PoseFromJSON(io.ComfyNode):
                              tooltip="Height of the source image, used only when the file has no canvas_height."),
             ],
             outputs=[
-                PoseKeypoint.Output(display_name="pose", tooltip="POSE_KEYPOINT, normalised coordinates."),
+                POSE_KEYPOINT.Output(display_name="pose", tooltip="POSE_KEYPOINT, normalised coordinates."),
                 io.Image.Output(display_name="preview", tooltip="Skeletons of frame 0."),
             ],
         )
@@ -174,7 +156,7 @@ class PoseFromJSON(io.ComfyNode):
     @classmethod
     def execute(cls, path, coords, canvas_width, canvas_height) -> io.NodeOutput:
         frames = keypoints.load_pose_json(cls._file(path), coords, (canvas_height, canvas_width))
-        preview = _image_out(render.render_skeletons(frames[0].people, frames[0].canvas_hw))
+        preview = image_out(render.render_skeletons(frames[0].people, frames[0].canvas_hw))
         return io.NodeOutput(keypoints.to_pose_keypoint(frames), preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
@@ -195,7 +177,7 @@ class PoseFromImage(io.ComfyNode):
                 io.Boolean.Input("face", default=False, tooltip="Also detect the 70 face keypoints."),
             ],
             outputs=[
-                PoseKeypoint.Output(display_name="pose", tooltip="POSE_KEYPOINT, one frame per image, normalised."),
+                POSE_KEYPOINT.Output(display_name="pose", tooltip="POSE_KEYPOINT, one frame per image, normalised."),
                 io.Image.Output(display_name="preview", tooltip="Detected skeletons, one per image."),
             ],
         )
@@ -204,10 +186,10 @@ class PoseFromImage(io.ComfyNode):
     def execute(cls, image, detect_resolution, hands, face) -> io.NodeOutput:
         model_dir = detect.find_openpose_dir(openpose_search_folders())
         frames, previews = [], []
-        for img in _image_in(image):
+        for img in images_uint8(image):
             f = detect.detect_pose(img, model_dir, hands=hands, face=face, detect_resolution=detect_resolution)
             frames.append(f)
-            previews.append(_image_out(render.render_skeletons(f.people, f.canvas_hw, hands=hands, face=face)))
+            previews.append(image_out(render.render_skeletons(f.people, f.canvas_hw, hands=hands, face=face)))
         preview = torch.cat(previews, 0)
         return io.NodeOutput(keypoints.to_pose_keypoint(frames), preview, ui=ui.PreviewImage(preview, cls=cls))
 
@@ -238,13 +220,13 @@ class PoseControl(io.ComfyNode):
             description="OpenPose control image with a circle in each ID's colour at its face, and one mask "
                         "per ID (face box + margin), in ID order (paper sec. 4.2).",
             inputs=[
-                PoseKeypoint.Input("pose", tooltip="POSE_KEYPOINT from a template, a file or a detector."),
-                FacesType.Input("faces", optional=True,
+                POSE_KEYPOINT.Input("pose", tooltip="POSE_KEYPOINT from a template, a file or a detector."),
+                FACES.Input("faces", optional=True,
                                 tooltip="The stacked identities; their count is the number of IDs placed."),
                 io.Int.Input("id_count", default=2, min=0, max=64,
                              tooltip="Number of IDs to place when 'faces' is not connected."),
                 io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
-                FacesType.Input("scene_faces", optional=True,
+                FACES.Input("scene_faces", optional=True,
                                 tooltip="Faces detected in the pose's own image: matched to people by position, "
                                         "their boxes replace the keypoint estimates (circles and masks)."),
                 io.Int.Input("frame", default=0, min=0, max=100000,
@@ -272,12 +254,14 @@ class PoseControl(io.ComfyNode):
                                         hands=hands, face=face_keypoints)
         m = mask_core.id_masks(_id_boxes(boxes, ids, n), hw, margin, mask_shape, feather)
         overlay = mask_core.mask_overlay(m, control)
-        control_t, overlay_t = _image_out(control), _image_out(overlay)
+        control_t, overlay_t = image_out(control), image_out(overlay)
         return io.NodeOutput(control_t, torch.from_numpy(m), overlay_t,
                              ui=ui.PreviewImage(torch.cat([control_t, overlay_t], 0), cls=cls))
 
 
-class IDMasks(io.ComfyNode):
+class IDMasksNode(io.ComfyNode):
+    """Makes the ID masks (not to be confused with attention.masks.IDMasks, which holds them for attention)."""
+
     SOURCES = ("pose", "face boxes", "user masks")
 
     @classmethod
@@ -293,8 +277,8 @@ class IDMasks(io.ComfyNode):
                                tooltip="pose: face regions of the people the IDs are assigned to; face boxes: "
                                        "'faces' detected in an image of the target layout, ID n = face n; "
                                        "user masks: the 'masks' batch, one per ID."),
-                PoseKeypoint.Input("pose", optional=True, tooltip="POSE_KEYPOINT (source = pose)."),
-                FacesType.Input("faces", optional=True,
+                POSE_KEYPOINT.Input("pose", optional=True, tooltip="POSE_KEYPOINT (source = pose)."),
+                FACES.Input("faces", optional=True,
                                 tooltip="source = pose: the stacked IDs (their count); source = face boxes: the "
                                         "faces whose boxes become the masks."),
                 io.Mask.Input("masks", optional=True,
@@ -315,7 +299,7 @@ class IDMasks(io.ComfyNode):
     def execute(cls, source, id_count, person_ids, width, height, margin, mask_shape, feather,
                 pose=None, faces=None, masks=None) -> io.NodeOutput:
         m = cls._build(source, id_count, person_ids, width, height, margin, mask_shape, feather, pose, faces, masks)
-        preview = _image_out(mask_core.mask_overlay(m))
+        preview = image_out(mask_core.mask_overlay(m))
         return io.NodeOutput(torch.from_numpy(m), preview, ui=ui.PreviewImage(preview, cls=cls))
 
     @staticmethod
@@ -342,7 +326,7 @@ class IDMasks(io.ComfyNode):
             hw = (height or arr.shape[1], width or arr.shape[2])
             n = len(faces) if faces is not None else None
             return mask_core.check_user_masks(arr, n, hw, feather)
-        raise ValueError(f"source must be one of {IDMasks.SOURCES}, got {source!r}")
+        raise ValueError(f"source must be one of {IDMasksNode.SOURCES}, got {source!r}")
 
 
 class Kps5Control(io.ComfyNode):
@@ -355,8 +339,8 @@ class Kps5Control(io.ComfyNode):
             description="InstantID-style image of the five face keypoints (eyes, nose, mouth corners) of "
                         "each identity, an alternative control to OpenPose.",
             inputs=[
-                FacesType.Input("faces", tooltip="Identities (FACES); ID n's keypoints are drawn."),
-                PoseKeypoint.Input("pose", optional=True,
+                FACES.Input("faces", tooltip="Identities (FACES); ID n's keypoints are drawn."),
+                POSE_KEYPOINT.Input("pose", optional=True,
                                    tooltip="When connected, each ID's keypoints are moved into the face of the "
                                            "person it is assigned to; otherwise drawn where they were detected."),
                 io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
@@ -376,8 +360,8 @@ class Kps5Control(io.ComfyNode):
             src = faces[0].image_size
             hw = fit_canvas(src, width, height, "the faces' photo")
             pts = kps5.kps5_for_faces(list(faces), hw)
-        img = _image_out(kps5.render_kps5(pts, hw))
+        img = image_out(kps5.render_kps5(pts, hw))
         return io.NodeOutput(img, ui=ui.PreviewImage(img, cls=cls))
 
 
-NODES = [PoseTemplate, PoseFromJSON, PoseFromImage, PoseControl, IDMasks, Kps5Control]
+NODES = [PoseTemplate, PoseFromJSON, PoseFromImage, PoseControl, IDMasksNode, Kps5Control]

@@ -146,13 +146,13 @@ def test_pose_from_image_without_weights_names_the_files_and_folder(pn, tmp_path
 def test_id_masks_node_sources_and_errors(pn):
     pose, _ = pn.PoseTemplate.execute("2_standing_duo").args
     common = dict(id_count=2, person_ids="1,0", width=0, height=0, margin=0.25, mask_shape="ellipse", feather=2)
-    m_pose, prev = pn.IDMasks.execute("pose", **common, pose=pose).args
+    m_pose, prev = pn.IDMasksNode.execute("pose", **common, pose=pose).args
     ctl_m = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "person_ids": "1,0", "mask_shape": "ellipse",
                                             "feather": 2}).args[1]
     assert torch.equal(m_pose, ctl_m)        # both nodes agree on the masks
     assert prev.shape == (1, 512, 768, 3)
     faces = Faces([make_face([100, 50, 200, 170], (512, 768)), make_face([500, 60, 580, 160], (512, 768))])
-    m_faces, _ = pn.IDMasks.execute("face boxes", **{**common, "mask_shape": "rect", "feather": 0}, faces=faces).args
+    m_faces, _ = pn.IDMasksNode.execute("face boxes", **{**common, "mask_shape": "rect", "feather": 0}, faces=faces).args
     # box 100 x 120 grows by 12.5 / 15 px per side: x in [87.5, 212.5), y in [35, 185); a pixel counts
     # when its centre (c + 0.5) is inside, so columns 87..211 and rows 35..184
     ys, xs = np.nonzero(m_faces[0].numpy())
@@ -160,14 +160,14 @@ def test_id_masks_node_sources_and_errors(pn):
     user = torch.zeros(2, 512, 768)
     user[0, :100, :100] = 1
     user[1, 200:, 200:] = 1
-    m_user, _ = pn.IDMasks.execute("user masks", **{**common, "feather": 0}, masks=user, faces=faces).args
+    m_user, _ = pn.IDMasksNode.execute("user masks", **{**common, "feather": 0}, masks=user, faces=faces).args
     assert torch.equal(m_user, user)
     with pytest.raises(ValueError, match="but the canvas is 640x480"):
-        pn.IDMasks.execute("user masks", **{**common, "width": 640, "height": 480}, masks=user)
+        pn.IDMasksNode.execute("user masks", **{**common, "width": 640, "height": 480}, masks=user)
     with pytest.raises(ValueError, match="got 2 masks for 3 identities"):
-        pn.IDMasks.execute("user masks", **common, masks=user, faces=id_faces(3))
+        pn.IDMasksNode.execute("user masks", **common, masks=user, faces=id_faces(3))
     with pytest.raises(ValueError, match="needs the 'pose' input"):
-        pn.IDMasks.execute("pose", **common)
+        pn.IDMasksNode.execute("pose", **common)
 
 
 def test_kps5_node(pn):
@@ -240,10 +240,10 @@ def test_a_canvas_of_another_aspect_is_refused_not_stretched(pn):
     common = dict(id_count=2, person_ids="left_to_right", width=512, height=512, margin=0.25, mask_shape="rect",
                   feather=0)
     with pytest.raises(ValueError, match=r"768x512 \(WxH\) but the requested canvas is 512x512"):
-        pn.IDMasks.execute("pose", **common, pose=pose)
+        pn.IDMasksNode.execute("pose", **common, pose=pose)
     faces = Faces([make_face([100, 50, 200, 170], (512, 768))])
     with pytest.raises(ValueError, match=r"the faces' photo is 768x512 \(WxH\) but the requested canvas is 512x512"):
-        pn.IDMasks.execute("face boxes", **common, faces=faces)
+        pn.IDMasksNode.execute("face boxes", **common, faces=faces)
     with pytest.raises(ValueError, match=r"768x512 \(WxH\) but the requested canvas is 512x512"):
         pn.Kps5Control.execute(faces, "left_to_right", 512, 512)
     control, m, _ = pn.PoseControl.execute(pose, **{**CONTROL_DEFAULTS, "width": 0, "height": 256}).args
