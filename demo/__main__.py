@@ -75,10 +75,9 @@ def find_real_models(prompt: dict) -> tuple[workflows.ModelChoice, list[str]]:
         if not found["controlnet"]:
             missing.append("an SD1.5 OpenPose ControlNet in models/controlnet (a name with 'openpose' in it)")
     if "weights" in wanted:
-        # ID stacks (ids*) and the face-graph cache share the folder; they are not weights
-        own = [n for n in names("instantfamily") if n.endswith(".safetensors")
-               and not os.path.basename(n).startswith(("ids", "cache")) and not n.startswith("cache")]
-        found["weights"] = _pick(own, wanted["weights"], None, exclude)
+        from ..nodes.instantfamily import _weight_files   # the Weights Loader's own list: one rule
+
+        found["weights"] = _pick(_weight_files(), wanted["weights"], None, exclude)
         if not found["weights"]:
             missing.append("InstantFamily weights (*.safetensors) in models/instantfamily")
     if "face_pack" in wanted:
