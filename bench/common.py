@@ -113,11 +113,18 @@ def write_results(name: str, device: str, info: dict[str, str], header: list[str
     return path
 
 
+def cell(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    if isinstance(x, (list, tuple)):
+        return "x".join(cell(v) for v in x)
+    return str(x).replace("|", "/")
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    def fmt(x):
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    """A markdown table; floats to 3 significant digits, lists as AxB, '|' kept out of cells."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     __package__ = "instantfamily_nodes.bench"
 
 from ..models.faces import onnx_local  # noqa: E402
+from .common import cpu_name  # noqa: E402
 from ..models.faces.encode import encode_faces  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,7 +39,7 @@ def machine() -> dict:
 
     return {
         "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,

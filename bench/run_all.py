@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cell, cpu_name, markdown_table  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 OUTPUT = BENCH / "RESULTS.md"
@@ -129,27 +132,13 @@ def collect() -> dict[str, dict[str, tuple[Path, dict]]]:
     return out
 
 
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    if isinstance(x, (list, tuple)):
-        return "x".join(_fmt(v) for v in x)
-    return str(x).replace("|", "/")
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def tables(data: dict) -> list[tuple[str, str]]:
     """(title, markdown) for each table in a results file: the common {columns, rows} format, or any
     list of records (one table per key)."""
     if not isinstance(data, dict):
         return []
     if "columns" in data and "rows" in data:
-        return [("", md_table(list(data["columns"]), data["rows"]))]
+        return [("", markdown_table(list(data["columns"]), data["rows"]))]
     out = []
     for key, val in data.items():
         if key == "machine" or not isinstance(val, list) or not val or not all(isinstance(r, dict) for r in val):
@@ -163,7 +152,7 @@ def tables(data: dict) -> list[tuple[str, str]]:
                 groups.append([r])
         for g in groups:
             cols = list(g[0])
-            out.append((key, md_table(cols, [[r.get(c, "") for c in cols] for r in g])))
+            out.append((key, markdown_table(cols, [[r.get(c, "") for c in cols] for r in g])))
     return out
 
 
@@ -173,9 +162,6 @@ def area_key(a: str) -> tuple:
 
 def this_machine() -> dict[str, str]:
     import importlib.metadata as md
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import cpu_name
 
     cpu = cpu_name()
     info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "host": platform.node(),
@@ -203,7 +189,7 @@ def render(results: dict, runs: list[dict], me: dict, run_kind: str | None) -> s
              "## Last run", ""]
     lines += [f"- {k}: {v}" for k, v in me.items()]
     if runs:
-        lines += ["", md_table(["script", "args", "device", "status", "seconds"],
+        lines += ["", markdown_table(["script", "args", "device", "status", "seconds"],
                                [[r["script"], r["args"] or "-", run_kind or "default", r["status"], r["seconds"]]
                                 for r in runs])]
     else:
@@ -221,7 +207,7 @@ def render(results: dict, runs: list[dict], me: dict, run_kind: str | None) -> s
             lines += [f"### {area}", "", f"From `bench/results/{path.name}`."]
             m = data.get("machine", {}) if isinstance(data, dict) else {}
             if m:
-                lines += [""] + [f"- {k}: {_fmt(v) if not isinstance(v, list) else ', '.join(map(str, v))}"
+                lines += [""] + [f"- {k}: {cell(v) if not isinstance(v, list) else ', '.join(map(str, v))}"
                                  for k, v in m.items()]
             for title, table in tables(data):
                 lines += ["", f"**{title}**", ""] if title else [""]
