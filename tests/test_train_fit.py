@@ -308,3 +308,51 @@ def test_cli_under_torchrun_writes_checkpoints_and_refuses_a_different_resume(ti
     assert r.returncode == 2 and "config differs in ['seed']" in r.stderr, r.stderr[-2000:]
     r = subprocess.run(one, capture_output=True, text=True, timeout=120, env=env, check=False)
     assert r.returncode == 2 and "world = 2" in r.stderr, r.stderr[-2000:]
+
+
+def test_validation_identity_scores_through_evaluate(tmp_path):
+    """The optional val/identity score on real photos (dlib): the real image scored as its own 'sample' is
+    ~1, the two people swapped between their masks score lower, an empty picture scores 0."""
+    pytest.importorskip("dlib", reason="the offline face backend needs dlib-bin")
+    pytest.importorskip("insightface", reason="face alignment uses insightface.utils.face_align")
+    pytest.importorskip("skimage", reason="scikit-image ships the astronaut test photo")
+    import matplotlib
+    import skimage
+    from PIL import Image
+
+    from instantfamily_nodes.evaluate.identity import detect_faces, make_encoder
+    from instantfamily_nodes.train.batch import make_batch
+    from instantfamily_nodes.train.shards import Sample
+
+    def square(path: Path) -> np.ndarray:
+        im = Image.open(path).convert("RGB")
+        side = min(im.size)
+        return np.asarray(im.crop((0, 0, side, side)).resize((256, 256), Image.BICUBIC))
+
+    a = square(Path(skimage.__file__).parent / "data" / "astronaut.png")
+    g = square(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    canvas = np.full((512, 512, 3), 128, np.uint8)
+    canvas[128:384, :256], canvas[128:384, 256:] = a, g
+    enc = make_encoder("dlib")
+    faces = detect_faces(enc, canvas, want=2)
+    assert len(faces) == 2
+    boxes = np.stack([f.box for f in sorted(faces, key=lambda f: f.box[0])]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    sample = Sample(key="pair", image=canvas, caption="two people", face_boxes=boxes,
+                    face_kps=np.zeros((2, 5, 2), np.float32), face_embedding=rng.standard_normal((2, 64)).astype(np.float32),
+                    face_local=rng.standard_normal((2, 7, 7, 128)).astype(np.float32),
+                    pose=np.zeros((0, 18, 3), np.float32))
+    cfg = TrainConfig(resolution=512, text_dropout=0.0, id_dropout=0.0, face_encoder="dlib")
+    batch = make_batch([sample], cfg, np.random.default_rng(1))
+    assert int(batch.id_present.sum()) == 2
+
+    def score(img: np.ndarray) -> dict:
+        t = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+        return F.identity_scores(cfg, [sample], t, batch, encoder=enc)
+
+    same = score(canvas)["val/identity"]
+    swapped = canvas.copy()
+    swapped[128:384, :256], swapped[128:384, 256:] = g, a
+    other = score(swapped)["val/identity"]
+    empty = score(np.full_like(canvas, 128))["val/identity"]
+    assert same > 0.99 and empty == 0.0 and other < same - 0.05, (same, other, empty)

@@ -60,6 +60,12 @@ class StreamItem:
     skipped: list[SkipEvent] = field(default_factory=list)
     epoch: int = 0
 
+    def pin_memory(self) -> "StreamItem":
+        """Called by the DataLoader's pin-memory thread (CUDA), so the host-to-GPU copy can overlap."""
+        if self.batch is not None and hasattr(self.batch, "pin_memory"):
+            self.batch = self.batch.pin_memory()
+        return self
+
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])

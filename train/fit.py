@@ -297,31 +297,39 @@ def validation_grid(model: Any, cfg: TrainConfig, samples: list, step: int, out:
     return path, grid, scores
 
 
-def identity_scores(cfg: TrainConfig, samples: list, gen: torch.Tensor, batch: Any) -> dict[str, float]:
-    """evaluate/'s identity score of each validation sample: the faces of the real image (chosen slots)
-    as references, the generated image's faces matched by the slot masks (regions)."""
+def identity_scores(cfg: TrainConfig, samples: list, gen: torch.Tensor, batch: Any,
+                    encoder: Any | None = None) -> dict[str, float]:
+    """evaluate/'s identity score (mean SingleSim over the chosen faces) of the generated images.
+
+    For each sample, the references are the faces the encoder finds in the *real* image, each assigned to
+    its slot by the slot's mask (evaluate's region matching); the generated image's faces are matched to
+    the same masks and scored against them. A slot whose real face the encoder misses is left out; a
+    generated face that is missing scores 0 (evaluate's rule). Returns ``{"val/identity": mean}``, or {}
+    when no slot could be scored."""
     from PIL import Image
 
     from ..evaluate.identity import detect_faces, make_encoder
+    from ..evaluate.matching import match_by_regions
     from ..evaluate.score import score_image
 
-    enc = make_encoder(cfg.face_encoder, insightface_root=cfg.models_root or None)
+    enc = encoder or make_encoder(cfg.face_encoder, insightface_root=cfg.models_root or None)
+    imgs = (gen.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     vals = []
-    imgs = (gen.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for i, s in enumerate(samples):
+        img = imgs[i]
         slots = [j for j in range(batch.id_present.shape[1]) if bool(batch.id_present[i, j])]
+        regions = [batch.masks[i, j].cpu().numpy() > 0.5 for j in slots]
         if not slots:
             continue
-        img = imgs[i]
-        real = np.asarray(Image.fromarray(s.image).resize(img.shape[1::-1]))
-        ref_faces = detect_faces(enc, real, want=len(slots))
-        if not ref_faces:
+        real = np.asarray(Image.fromarray(s.image).resize((img.shape[1], img.shape[0]), Image.BICUBIC))
+        real_faces = detect_faces(enc, real, want=len(slots))
+        owner = match_by_regions([f.box for f in real_faces], regions)
+        keep = [k for k, a in enumerate(owner) if a is not None]
+        if not keep:
             continue
-        refs = [f.embedding for f in ref_faces]
-        ids = list(range(min(len(refs), len(slots))))
-        regions = [batch.masks[i, slots[j]].numpy() > 0.5 for j in ids]
-        sc = score_image(s.key, refs, ids, detect_faces(enc, img, want=len(ids)), regions=regions,
-                         size=img.shape[:2])
+        refs = [real_faces[owner[k]].embedding for k in keep]
+        sc = score_image(s.key, refs, list(range(len(keep))), detect_faces(enc, img, want=len(keep)),
+                         regions=[regions[k] for k in keep], match="regions", size=img.shape[:2])
         vals.append(sc.identity)
     return {"val/identity": float(np.mean(vals))} if vals else {}
 
@@ -524,7 +532,7 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
             if step % cfg.log_every == 0 or step == limit:
                 avg = _all_reduce(mean_loss.clone(), dist) / dist.world
                 now = time.perf_counter()
-                rate = torch.tensor(float(samples_since) / max(now - t_last, 1e-9))
+                rate = torch.tensor(float(samples_since) / max(now - t_last, 1e-9), device=dist.device)  # nccl: on GPU
                 rate = _all_reduce(rate, dist)  # samples/s of the whole job
                 t_last, samples_since = now, 0
                 if runlog is not None:
