@@ -413,3 +413,19 @@ def test_dropped_captions_become_the_empty_prompt(model, batch):
     torch.testing.assert_close(text[0], empty)
     torch.testing.assert_close(text[1], caption)
     assert not torch.allclose(empty, caption)
+
+
+def test_cached_latents_and_text_give_the_same_loss_as_encoding_on_the_fly(model, batch):
+    """Shards with prepare's caches (latent as ComfyUI's VAE Encode returns it, text as CLIP gives it)
+    must train exactly like encoding the image and caption in the step."""
+    from dataclasses import replace
+
+    raw = model.vae.encode(((batch.image + 1) / 2).movedim(1, -1))
+    text = torch.stack([model.clip.encode_from_tokens(model.clip.tokenize(c)).float()[0] for c in batch.caption])
+    cached = replace(batch, latent=raw, text_embedding=text)
+    with torch.no_grad():
+        a = model.loss(batch, torch.Generator().manual_seed(2))
+        b = model.loss(cached, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and the latent is in the UNet's scale: ComfyUI's SD1.5 format multiplies by 0.18215
+    torch.testing.assert_close(model.encode_latents(cached), raw * 0.18215)
