@@ -68,10 +68,6 @@ class Person:
         h, w = canvas_hw
         return p[0] * w, p[1] * h
 
-    @property
-    def n_visible(self) -> int:
-        return int((self.body[:, 2] > 0).sum())
-
 
 @dataclass
 class PoseFrame:

@@ -32,10 +32,5 @@ def template_pose_keypoint(name: str) -> list[dict]:
     return json.loads(template_path(name).read_text(encoding="utf-8"))
 
 
-def template_info(name: str) -> dict:
-    """Title, description and number of people of a template."""
-    return dict(template_pose_keypoint(name)[0].get("instantfamily_template", {"name": name}))
-
-
 def load_template(name: str) -> PoseFrame:
     return frames_from_pose_keypoint(template_pose_keypoint(name), coords="normalized")[0]

@@ -190,8 +190,8 @@ def test_insightface_backend_end_to_end(pack, tmp_path):
         assert f.local.shape == (7, 7, 128) and f.crop.shape == (112, 112, 3)
         assert abs(np.linalg.norm(f.embedding) - 1) < 1e-5
         # embedding and local map are the recognition net's outputs on the aligned crop
-        emb, local = enc.encode_crops(f.crop[None])
-        np.testing.assert_allclose(emb[0], f.embedding, atol=1e-6)
+        emb, local = enc.recognizer.run(f.crop[None])
+        np.testing.assert_allclose(emb[0] / np.linalg.norm(emb[0]), f.embedding, atol=1e-6)
         np.testing.assert_allclose(local[0], f.local, atol=1e-6)
     with pytest.raises(NoFaceError, match=r"image 1 of 1: no face found after det_size 640, 480, 320"):
         encode_faces(enc, np.zeros((480, 640, 3), np.uint8))

@@ -376,14 +376,14 @@ def test_templates_load_render_and_match_their_previews():
     from instantfamily_nodes.pose import template_author
 
     names = templates.list_templates()
-    counts = sorted(templates.template_info(n)["people"] for n in names)
+    counts = sorted(templates.template_pose_keypoint(n)[0]["instantfamily_template"]["people"] for n in names)
     assert {2, 3, 4, 5, 7} <= set(counts)
     built = template_author.build_templates()
     assert sorted(built) == names
     for name in names:
         frame = templates.load_template(name)
         n = int(name.split("_")[0])
-        assert len(frame.people) == n == templates.template_info(name)["people"]
+        assert len(frame.people) == n == templates.template_pose_keypoint(name)[0]["instantfamily_template"]["people"]
         assert frame.canvas_hw in {(512, 768), (768, 512)}
         # committed JSON is what the author script makes
         assert templates.template_path(name).read_text() == template_author.template_json(*built[name])

@@ -177,8 +177,3 @@ class InsightFaceEncoder:
         emb, local = self.recognizer.run(crops)
         assert local is not None
         return [Encoded(embedding=l2_normalize(e), local=l, crop=c) for e, l, c in zip(emb, local, crops)]
-
-    def encode_crops(self, crops: np.ndarray, with_local: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Already-aligned crops -> (L2-normalised embeddings, local maps)."""
-        emb, local = self.recognizer.run(crops, with_local)
-        return np.stack([l2_normalize(e) for e in emb]), local
