@@ -147,7 +147,9 @@ def test_detector_boxes_world_faces_through_insightface(world_pack):
     for hw in SIZES:
         for n in range(1, 8):
             scene = world.scene(n, hw, "test", 50 + n)
-            dets = sorted(detect_with_ladder(enc, scene.image, 0, 1), key=lambda d: d.box[0])
+            search = detect_with_ladder(enc, scene.image, 0, 1)
+            assert search.offset == (0, 0)                 # found at a ladder rung, not the padded retry
+            dets = sorted(search.dets, key=lambda d: d.box[0])
             assert len(dets) == n, (hw, n)
             for d, gt, gk in zip(dets, scene.boxes, scene.kps):
                 worst = min(worst, _iou(d.box, gt))
