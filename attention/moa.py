@@ -311,48 +311,64 @@ class MoALayer(nn.Module):
                 options = {**scoped, **options}
         moa: MoABinding | None = options.get(MOA_KEY)
 
-        def prior(ctx):
-            return self.inner(x, context=ctx, value=value, mask=mask, transformer_options=options)
+        def prior(ctx, val=None):
+            return self.inner(x, context=ctx, value=val, mask=mask, transformer_options=options)
 
-        if binding is None or moa is None or value is not None or mask is not None:
-            return prior(context)
+        if binding is None or moa is None or mask is not None or (self.kind == "self" and value is not None):
+            return prior(context, value)
         if self.kind == "cross":
             if context is None:
-                return prior(context)
+                return prior(context, value)
             layout = binding.layout
             n_tokens = context.shape[1]
             if n_tokens != layout.total:
                 if n_tokens % TEXT_CHUNK == 0:
-                    return prior(context)  # a text-only context from other conditioning: nothing to route
+                    return prior(context, value)  # a text-only context from other conditioning: nothing to route
                 raise ValueError(
                     f"cross-attention context has {n_tokens} tokens, but the identity stack is laid out as "
                     f"{layout.describe()} = {layout.total}. Build positive and negative with the same "
                     "InstantFamily Embedding Stack, and do not combine them with other conditioning")
-            # The prior sees exactly what the unpatched model sees: the text tokens (contiguous, so
-            # its projections run the same GEMMs as on a text-only context).
-            text = context[:, layout.text_slice].contiguous() if layout.n_ids else context
+
+            def base():
+                return self._prior_cross(x, context, value, binding, options, prior)
         else:
-            text = context
+            def base():
+                return prior(context)
         sigma = _current_sigma(options)
         if not (binding.active(sigma) and moa.active(sigma)):
-            return prior(text)
+            return base()
 
         grid = _grid(options, x)
         weights = self._weights(x, binding, moa, grid, x.shape[0])
         self._observe(moa, weights, options, grid, x)
         if weights == "prior":
-            return prior(text)
-        personal = self._personal(x, context, binding, grid)
+            return base()
+        personal = self._personal(x, context, value, binding, grid)
         if weights == "personal":
             return personal
         w_prior, share = weights
-        base = prior(text)
-        return base * w_prior.unsqueeze(-1).to(base.dtype) + personal * share.unsqueeze(-1).to(personal.dtype)
+        out = base()
+        return out * w_prior.unsqueeze(-1).to(out.dtype) + personal * share.unsqueeze(-1).to(personal.dtype)
 
-    def _personal(self, x, context, binding: IdentityBinding, grid) -> torch.Tensor:
+    def _prior_cross(self, x, context, value, binding: IdentityBinding, options, prior) -> torch.Tensor:
+        """The prior expert: the original layer on the text tokens, exactly what the unpatched model
+        computes (contiguous slices, so its projections run the same GEMMs as on a text-only
+        context). Per-person prompts are text too: with any in the layout the prior attends to them
+        in their regions (the masked attention with every identity off), as the masked layer does
+        outside the IDs' sigma window."""
+        layout = binding.layout
+        if not layout.has_prompts:
+            ts = layout.text_slice
+            return prior(context[:, ts].contiguous(), None if value is None else value[:, ts].contiguous())
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context if value is None else value)
+        out = masked_attention(q, k, v, self.heads, layout, binding.masks.ids_off(), _grid(options, x),
+                               binding.mode, binding.kernel)
+        return self.to_out(out)
+
+    def _personal(self, x, context, value, binding: IdentityBinding, grid) -> torch.Tensor:
         e = self.expert
         if self.kind == "cross":
-            q, k, v = e.to_q(x), e.to_k(context), e.to_v(context)
+            q, k, v = e.to_q(x), e.to_k(context), e.to_v(context if value is None else value)
             out = masked_attention(q, k, v, self.heads, binding.layout, binding.masks, grid, binding.mode,
                                    binding.kernel)
         else:

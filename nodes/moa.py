@@ -121,6 +121,9 @@ class MoA(io.ComfyNode):
         binding = model.model_options.get("transformer_options", {}).get(OPTIONS_KEY)
         if binding is None:
             raise ValueError("model: no identities bound; connect the MODEL output of InstantFamily Apply")
+        if binding.layout.n_ids == 0:
+            raise ValueError("model: the stack holds no identities (person prompts only); MoA routes identities, "
+                             "connect faces through Project IDs and Embedding Stack")
         if end_percent < start_percent:
             raise ValueError(f"end_percent {end_percent} is before start_percent {start_percent}")
         trained = weights is not None and bool(weights.group("moa"))
