@@ -221,6 +221,9 @@ def test_stop_and_resume_is_bit_identical(tiny, data, tmp_path, monkeypatch):
     with pytest.raises(F.ResumeError) as e:
         F.fit(other, resume=True, progress=False)
     assert "['batch_size', 'lr_controlnet']" in str(e.value) and "0.001 -> 0.002" in str(e.value)
+    # and a fresh start into a folder that holds a run is refused (it would mix the two runs' checkpoints)
+    with pytest.raises(F.ResumeError, match="already holds a run .*pass --resume"):
+        F.fit(cfg, progress=False)
 
 
 def test_non_finite_loss_or_gradient_stops_naming_step_and_group(tiny, data, tmp_path):

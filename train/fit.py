@@ -431,6 +431,10 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
     # a resume is checked before the (slow) model build: a wrong config fails in a second
     ck_path = _resolve_resume(cfg, resume)
     ck: Checkpoint | None = None
+    if ck_path is None and not resume and latest_checkpoint(out / "checkpoints") is not None:
+        # starting over would mix two runs in one folder (and keep_last would delete the new checkpoints)
+        raise ResumeError(f"{out} already holds a run (latest checkpoint {latest_checkpoint(out / 'checkpoints')}); "
+                          "pass --resume to continue it, or set another out folder")
     if ck_path is not None:
         ck = load_checkpoint(ck_path)
         check_resume_config(ck.config, cfg, ck.path)
