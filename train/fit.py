@@ -590,15 +590,27 @@ def _in_main_thread() -> bool:
 def _save(cfg: TrainConfig, out: Path, step: int, model: Any, optimizer, scheduler, ema: EMA | None,
           next_batch: int, dist: Dist) -> Path | None:
     """Rank 0 writes; the others wait so nobody races ahead of a checkpoint that may be resumed from."""
-    # every rank consumed the same number of batches (same stream layout), so one position serves all
-    pos = {"next_batch": next_batch, "world": dist.world, "roles": max(1, cfg.num_workers),
-           "samples_per_rank": next_batch * cfg.batch_size, "batch_size": cfg.batch_size}
+    # Ranks consume the same number of batches unless one met a batch with no readable sample (it then
+    # takes one more): the position is one number when all agree, else one per rank.
+    per_rank = [next_batch]
+    if dist.on:
+        mine = torch.tensor([next_batch], dtype=torch.long, device=dist.device)
+        everyone = [torch.zeros_like(mine) for _ in range(dist.world)]
+        torch.distributed.all_gather(everyone, mine)
+        per_rank = [int(t.item()) for t in everyone]
+    same = len(set(per_rank)) == 1
+    pos = {"next_batch": per_rank[0] if same else per_rank, "world": dist.world, "roles": max(1, cfg.num_workers),
+           "samples_per_rank": per_rank[0] * cfg.batch_size if same else [n * cfg.batch_size for n in per_rank],
+           "batch_size": cfg.batch_size}
+    rng = capture_rng_states()
+    # not a state: each micro-batch's noise/timestep generator is re-seeded from these numbers
+    rng["loss_generator"] = {"seed_sequence": [cfg.seed, 0x1055, "rank", "step", "micro_batch"]}
     path = None
     err: BaseException | None = None
     if dist.main:
         try:
             path = save_checkpoint(out / "checkpoints", step, model.trainable_state_dict(), optimizer, scheduler,
-                                   ema.state if ema is not None else None, capture_rng_states(), pos,
+                                   ema.state if ema is not None else None, rng, pos,
                                    cfg.to_dict(), keep_last=cfg.keep_last)
         except CheckpointError as e:
             err = e
