@@ -88,11 +88,18 @@ def raw_samples(shards: list[str], events: list[SkipEvent]) -> Iterator[dict]:
     from webdataset.tariterators import tarfile_samples
 
     for shard in shards:
-        def handler(exn: Exception, shard: str = shard) -> bool:
-            ev = SkipEvent(shard, "", f"{type(exn).__name__}: {exn}")
-            log.warning(ev.line())
-            events.append(ev)
-            return True  # continue with the next shard: what was read so far is kept
+        seen: list[str] = []
+
+        def handler(exn: Exception, shard: str = shard, seen: list[str] = seen) -> bool:
+            # webdataset's tar reader and its expander both pass the same error up: report it once
+            first = exn.args[0] if exn.args else exn
+            reason = f"{type(exn).__name__}: {str(first).split(' @ ')[0]}"
+            if reason not in seen:
+                seen.append(reason)
+                ev = SkipEvent(shard, "", reason)
+                log.warning(ev.line())
+                events.append(ev)
+            return True  # go on with the next shard: the samples read before the damage are kept
 
         for raw in tarfile_samples([{"url": shard}], handler=handler):
             problem = _sample_problem(raw)
