@@ -63,7 +63,8 @@ def _inputs(class_type: str) -> list[tuple[str, str, dict, bool]]:
             if isinstance(kind, (list, tuple)):
                 kind = "COMBO"
             kind = str(getattr(kind, "value", kind))
-            out.append((name, kind, opts, kind in WIDGET_TYPES))
+            # forceInput: a socket in the frontend, never a widget (e.g. a STRING fed by another node)
+            out.append((name, kind, opts, kind in WIDGET_TYPES and not opts.get("forceInput")))
     return out
 
 

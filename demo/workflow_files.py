@@ -52,6 +52,11 @@ WORKFLOWS: dict[str, tuple[str, str]] = {
         "6. Pose ControlNet only, no identities",
         "Core nodes and the pose nodes only: a template -> control image -> core Apply ControlNet. No photos, "
         "no InstantFamily weights."),
+    "2_people_prompts": (
+        "7. Two people, one prompt line each",
+        "Two photos and one prompt line per person on 'Person prompts' (line 1 = ID 0, line 2 = ID 1; lines "
+        "after the IDs are people in the pose without a photo). Each line acts only inside that person's body "
+        "region (Person regions), in the same pass as the identities: no extra pass per person."),
 }
 
 
@@ -105,6 +110,16 @@ def thumbnail_image(prompt: dict):
             masks = region_core.region_masks(region_core.parse_regions(n["inputs"]["regions"]), hw)
     if masks is not None:
         img = Image.fromarray(mask_overlay(masks, np.asarray(img), alpha=0.45))
+    for n in prompt.values():
+        if n["class_type"] == "InstantFamilyPersonPrompts":   # person regions with their prompts' first words
+            from ..pose import persons, templates
+
+            src = prompt[str(n["inputs"]["regions"][0])]["inputs"]           # the Person Regions node
+            frame = templates.load_template(prompt[str(src["pose"][0])]["inputs"]["template"])
+            regions = persons.person_regions(frame, hw, int(src["id_count"]), src["person_ids"], src["margin"],
+                                             src["mask_shape"])
+            img = Image.fromarray(persons.prompt_preview(regions, persons.prompt_lines(n["inputs"]["prompts"]),
+                                                         np.asarray(img)))
     return img
 
 

@@ -23,7 +23,7 @@ from .keypoints import Person, PoseFrame
 from .masks import box_mask, expand_box, feather_mask, mask_overlay
 
 DEFAULT_BODY_MARGIN = 0.2
-PREVIEW_WORDS = 4
+PREVIEW_WORDS = 5
 
 
 def body_box(person: Person, canvas_hw: tuple[int, int]) -> np.ndarray | None:

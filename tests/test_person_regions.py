@@ -71,6 +71,7 @@ def test_prompt_lines_and_first_words():
     assert persons.prompt_lines("red jacket\n\n  blue hat  \n\n") == ["red jacket", "", "blue hat"]
     assert persons.prompt_lines("") == []
     assert persons.first_words("a man in a red jacket", 4) == "a man in a ..."
+    assert persons.first_words("a man in a red jacket") == "a man in a red ..."
     assert persons.first_words("smiling", 4) == "smiling"
 
 
