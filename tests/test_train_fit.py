@@ -142,9 +142,9 @@ def fixed_loss(model, cfg: TrainConfig) -> float:
     with torch.no_grad():
         for i in range(0, 8, 2):
             b = make_batch(samples[i:i + 2], c, np.random.default_rng(i))
-            for j in range(4):
+            for j in range(2):
                 total += float(model.loss(b, torch.Generator().manual_seed(1000 * i + j)))
-    return total / 16
+    return total / 8
 
 
 def test_fit_lowers_the_loss_and_writes_logs_and_a_grid(tiny, data, tmp_path):
@@ -157,6 +157,7 @@ def test_fit_lowers_the_loss_and_writes_logs_and_a_grid(tiny, data, tmp_path):
     res = F.fit(cfg, model=model, progress=False)
     after = fixed_loss(model, cfg)
     assert res.step == 32 and len(res.losses) == 32 and not res.stopped
+    print(f"fixed-noise loss before {before:.4f}, after 32 steps {after:.4f}")
     assert after < 0.9 * before, (before, after)
     run = tmp_path / "run"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000032"]   # keep_last=1
