@@ -54,6 +54,13 @@ function dumpRegions(regions) {
 
 const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
 
+// Tell ComfyUI's change tracker about an edit: the workflow is marked modified, Save writes the new regions,
+// and Ctrl+Z (ComfyUI's own undo, which sees every key press) undoes region edits like any other change.
+// (The editor's pointer handlers cancel the mouse events the tracker would otherwise listen to.)
+function trackChange() {
+    app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
 // ------------------------------------------------------------------ the editor
 
 class RegionEditor {
@@ -83,7 +90,7 @@ class RegionEditor {
         this.addButton = button("+ ID", "Add a region for the next identity", () => this.addRegion());
         this.shapeButton = button("▭ box", "Shape of new regions (and of the selected one)", () => this.toggleShape());
         button("Delete", "Delete the selected region (later IDs move down by one)", () => this.deleteSelected());
-        button("Undo", "Undo the last change (Ctrl+Z)", () => this.undo());
+        button("Undo", "Undo the last region edit (Ctrl+Z, ComfyUI's undo, works too)", () => this.undo());
         this.root.append(bar);
 
         this.canvas = document.createElement("canvas");
@@ -114,6 +121,7 @@ class RegionEditor {
         this.widget.callback?.(text);
         this.node.setDirtyCanvas?.(true, true);
         this.draw();
+        trackChange();
     }
 
     undo() {
@@ -122,6 +130,7 @@ class RegionEditor {
         this.selected = Math.min(this.selected, this.regions.length - 1);
         this.node.setDirtyCanvas?.(true, true);
         this.draw();
+        trackChange();
     }
 
     toggleShape() {
@@ -305,9 +314,6 @@ class RegionEditor {
         if ((e.key === "Delete" || e.key === "Backspace") && this.selected >= 0) {
             e.preventDefault();
             this.deleteSelected();
-        } else if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "z") {
-            e.preventDefault();
-            this.undo();
         } else if (e.key === "Escape") {
             this.selected = -1;
             this.draw();
@@ -364,6 +370,7 @@ function setUpRegionEditor(node) {
     const widget = node.widgets?.find((w) => w.name === "regions");
     if (!widget || node.instantfamilyEditor) return;
     widget.hidden = true;   // still saved in the workflow and sent in the prompt
+    widget.computeSize = () => [0, -4];   // and takes no row
     const editor = new RegionEditor(node, widget);
     node.instantfamilyEditor = editor;
     const dom = node.addDOMWidget("region_editor", "instantfamily_region_editor", editor.root, {
