@@ -204,3 +204,34 @@ def test_score_positions_finds_identities_where_they_were_put(world_pack):
     shifted = score_positions(enc, classes, [s.image for s in scenes], [s.boxes for s in scenes],
                               [s.identities[1:] + s.identities[:1] for s in scenes])
     assert shifted.accuracy("n") <= 0.1
+
+
+def test_world_scenes_through_train_prepare(world_pack, tmp_path):
+    """World scenes -> `train prepare` with the world's pack: every face found, encoded with its local
+    map, boxed where the world put it and matched to its own person."""
+    import webdataset as wds
+
+    from instantfamily_nodes.synthetic.dataset import write_prepare_input
+    from instantfamily_nodes.train.__main__ import main as train_main
+    from instantfamily_nodes.train.shards import Manifest, decode_sample
+
+    world, _, root, _ = world_pack
+    write_prepare_input(world, tmp_path / "scenes", 8, (128, 128), people=(1, 2, 3, 4))
+    rc = train_main(["prepare", "--input", str(tmp_path / "scenes"), "--out", str(tmp_path / "shards"),
+                     "--resolution", "128", "--min-size", "64", "--face-encoder", "insightface/synthetic_world",
+                     "--models-root", str(root), "--workers", "1", "--no-progress", "--image-format", "png"])
+    assert rc == 0
+    manifest = Manifest.load(tmp_path / "shards")
+    assert (manifest.L, manifest.d_gf, manifest.d_lf, manifest.samples) == (7, 64, 128, 8)
+    seen = 0
+    for raw in wds.WebDataset(manifest.shard_paths(tmp_path / "shards"), shardshuffle=False):
+        sample = decode_sample(raw)
+        i = int(sample.key.rsplit("_", 1)[-1])
+        scene = world.scene((1, 2, 3, 4)[i % 4], (128, 128), "train", i)
+        assert np.array_equal(sample.image, scene.image)
+        assert sample.face_person == list(range(len(scene.identities)))
+        assert np.abs(sample.face_boxes - scene.boxes).max() < 1.0
+        assert sample.face_local.shape == (len(scene.identities), 7, 7, 128)
+        assert sample.pose.shape == (len(scene.identities), 18, 3)
+        seen += 1
+    assert seen == 8
