@@ -428,6 +428,9 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
     from .shards import Manifest
 
     manifest = Manifest.load(cfg.data)
+    if manifest.has_latents and int(manifest.resolution) != cfg.resolution:
+        raise ConfigError(f"config key 'resolution' = {cfg.resolution}, but the shards in {cfg.data} cache VAE latents "
+                          f"made at {manifest.resolution} px: set resolution = {manifest.resolution}, or re-run prepare")
     # a resume is checked before the (slow) model build: a wrong config fails in a second
     ck_path = _resolve_resume(cfg, resume)
     ck: Checkpoint | None = None
@@ -639,12 +642,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .model import ModelSetupError
+    from .shards import ShardError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)
         resume: bool | str | None = args.resume_from or bool(args.resume)
         res = fit(cfg, resume=resume, max_steps=args.max_steps, device=args.device, progress=not args.no_progress)
-    except (ConfigError, ResumeError, CheckpointError, NonFiniteError) as e:
+    except (ConfigError, ResumeError, CheckpointError, NonFiniteError, ShardError, ModelSetupError) as e:
+        # what the user must fix: one clear line, no traceback
         print(f"train fit: {e}", file=sys.stderr)
         return 2
     finally:
