@@ -254,3 +254,18 @@ def test_subject_morphing(env):
     assert fa[0].embedding is not mid[0].embedding and mid[1] is fa[1]
     with pytest.raises(ValueError, match="index_b: ID 5 does not exist"):
         MorphIDs.execute(ia, 0, ib, 5, 0.5)
+
+
+def test_with_person_prompts_the_prior_keeps_them_in_their_regions(env):
+    """Person prompts are text: the prior expert attends to them in their regions (the masked
+    attention with every identity off). MoA at the prior == the Apply'd model whose ID window
+    is empty (it then runs exactly that), bit for bit."""
+    from test_person_prompts_comfy import apply as apply_prompts
+
+    model, pos, neg, _ = apply_prompts(env)
+    no_ids, pos0, neg0, _ = apply_prompts(env, start=1.0, end=1.0)
+    prior, _ = moa_node(model, "prior")
+    reference = sample(no_ids, pos0, neg0, steps=1)
+    assert torch.equal(sample(prior, pos, neg, steps=1), reference)
+    mask, _ = moa_node(model, "mask")
+    assert not torch.equal(sample(mask, pos, neg, steps=1), reference)
