@@ -62,7 +62,7 @@ def _guard(executor, x, timesteps=None, context=None, y=None, control=None, tran
         check_same_aspect(tuple(binding.masks.masks.shape[-2:]), tuple(x.shape[-2:]), "masks",
                           "the latent (image size / 8)",
                           "Make the masks (and the pose) at the size of the image you generate, e.g. link the "
-                          "Empty Latent Image's width and height into Pose Control")
+                          "Empty Latent Image's width and height into Pose Control", step=1)
     return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 

@@ -2,25 +2,30 @@
 
 Scaling uniformly is fine (a 512x768 mask on a 64x96 latent); a different aspect is an error naming
 both sizes, so a face region can never silently drift off the face it was drawn for. Sizes match
-when the source, scaled to the target's height, is within one target pixel (or 1%) of its width.
+when the source, scaled to the target's height, is within one step (or 1%) of the target's width. A
+step is 8 image pixels, because ComfyUI image sizes go in steps of 8 (one latent pixel): a 768x512
+pose at 256 px wide is 256x168, not 256x170.7. Between latent grids the step is 1.
 """
 from __future__ import annotations
 
 ASPECT_TOLERANCE = 0.01
+SIZE_STEP = 8        # image pixels per latent pixel: the step of ComfyUI's image sizes
 
 
-def same_aspect(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> bool:
-    """Whether ``src_hw`` scales uniformly onto ``dst_hw`` (both (H, W)) within one pixel or 1%."""
+def same_aspect(src_hw: tuple[int, int], dst_hw: tuple[int, int], step: float = SIZE_STEP) -> bool:
+    """Whether ``src_hw`` scales uniformly onto ``dst_hw`` (both (H, W)) within ``step`` pixels of
+    ``dst`` (8 for image sizes, 1 for latent grids) or 1%."""
     (sh, sw), (dh, dw) = src_hw, dst_hw
     if min(sh, sw, dh, dw) <= 0:
         return False
     fitted_w = sw * dh / sh
-    return abs(fitted_w - dw) <= max(1.0, ASPECT_TOLERANCE * dw)
+    return abs(fitted_w - dw) <= max(float(step), ASPECT_TOLERANCE * dw)
 
 
-def check_same_aspect(src_hw: tuple[int, int], dst_hw: tuple[int, int], src: str, dst: str, fix: str) -> None:
+def check_same_aspect(src_hw: tuple[int, int], dst_hw: tuple[int, int], src: str, dst: str, fix: str,
+                      step: float = SIZE_STEP) -> None:
     """Raise a ValueError naming both sizes (W x H) when ``src`` would be stretched onto ``dst``."""
-    if not same_aspect(src_hw, dst_hw):
+    if not same_aspect(src_hw, dst_hw, step):
         (sh, sw), (dh, dw) = src_hw, dst_hw
         raise ValueError(
             f"{src} is {sw}x{sh} (WxH) but {dst} is {dw}x{dh}: aspect ratios {sw / sh:.3f} and {dw / dh:.3f} "

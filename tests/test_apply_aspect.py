@@ -11,12 +11,16 @@ from test_integration import apply, env, id_masks, sample  # noqa: F401  (fixtur
 
 
 def test_the_aspect_rule_by_hand():
-    assert same_aspect((512, 768), (64, 96))            # a uniform scale
-    assert same_aspect((1000, 1500), (125, 188))        # 187.5 rounds: within one latent pixel
-    assert not same_aspect((512, 512), (64, 96))
-    assert not same_aspect((512, 768), (64, 92))        # 4 latent pixels (4%) off
+    # against a latent grid (step 1 latent pixel)
+    assert same_aspect((512, 768), (64, 96), step=1)            # a uniform scale
+    assert same_aspect((1000, 1500), (125, 188), step=1)        # 187.5 rounds: within one latent pixel
+    assert not same_aspect((512, 512), (64, 96), step=1)
+    assert not same_aspect((512, 768), (64, 92), step=1)        # 4 latent pixels (4%) off
     with pytest.raises(ValueError, match=r"masks is 512x512 \(WxH\) but the latent is 96x64: aspect ratios 1.000 and 1.500"):
-        check_same_aspect((512, 512), (64, 96), "masks", "the latent", "fix it")
+        check_same_aspect((512, 512), (64, 96), "masks", "the latent", "fix it", step=1)
+    # between image sizes (step 8 px, ComfyUI's size step): a 768x512 pose at 256 px wide is 256x168
+    assert same_aspect((512, 768), (168, 256)) and same_aspect((512, 768), (176, 256))
+    assert not same_aspect((512, 768), (184, 256)) and not same_aspect((512, 768), (512, 512))
     assert fit_canvas((512, 768), 0, 0, "pose") == (512, 768)
     assert fit_canvas((512, 768), 384, 0, "pose") == (256, 384)
     assert fit_canvas((512, 768), 0, 100, "pose") == (100, 150)
