@@ -222,13 +222,13 @@ class PoseControl(io.ComfyNode):
             inputs=[
                 POSE_KEYPOINT.Input("pose", tooltip="POSE_KEYPOINT from a template, a file or a detector."),
                 FACES.Input("faces", optional=True,
-                                tooltip="The stacked identities; their count is the number of IDs placed."),
+                            tooltip="The stacked identities; their count is the number of IDs placed."),
                 io.Int.Input("id_count", default=2, min=0, max=64,
                              tooltip="Number of IDs to place when 'faces' is not connected."),
                 io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
                 FACES.Input("scene_faces", optional=True,
-                                tooltip="Faces detected in the pose's own image: matched to people by position, "
-                                        "their boxes replace the keypoint estimates (circles and masks)."),
+                            tooltip="Faces detected in the pose's own image: matched to people by position, "
+                                    "their boxes replace the keypoint estimates (circles and masks)."),
                 io.Int.Input("frame", default=0, min=0, max=100000,
                              tooltip="Which frame of the POSE_KEYPOINT list to use."),
                 *_size_inputs(),
@@ -279,8 +279,8 @@ class IDMasksNode(io.ComfyNode):
                                        "user masks: the 'masks' batch, one per ID."),
                 POSE_KEYPOINT.Input("pose", optional=True, tooltip="POSE_KEYPOINT (source = pose)."),
                 FACES.Input("faces", optional=True,
-                                tooltip="source = pose: the stacked IDs (their count); source = face boxes: the "
-                                        "faces whose boxes become the masks."),
+                            tooltip="source = pose: the stacked IDs (their count); source = face boxes: the "
+                                    "faces whose boxes become the masks."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="source = user masks: MASK batch [N, H, W] in ID order, canvas size."),
                 io.Int.Input("id_count", default=2, min=0, max=64,
@@ -341,8 +341,8 @@ class Kps5Control(io.ComfyNode):
             inputs=[
                 FACES.Input("faces", tooltip="Identities (FACES); ID n's keypoints are drawn."),
                 POSE_KEYPOINT.Input("pose", optional=True,
-                                   tooltip="When connected, each ID's keypoints are moved into the face of the "
-                                           "person it is assigned to; otherwise drawn where they were detected."),
+                                    tooltip="When connected, each ID's keypoints are moved into the face of the "
+                                            "person it is assigned to; otherwise drawn where they were detected."),
                 io.String.Input("person_ids", default="left_to_right", tooltip=ORDER_TOOLTIP),
                 *_size_inputs(),
             ],
