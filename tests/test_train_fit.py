@@ -197,7 +197,9 @@ def test_stop_and_resume_is_bit_identical(tiny, data, tmp_path, monkeypatch):
     first = F.fit(cfg, model=build(cfg), progress=False)
     assert first.step == 3 and first.stopped.startswith("signal")
     monkeypatch.setattr(F, "loss_generator", real_gen)
-    second = F.fit(cfg, resume=True, max_steps=1, model=build(cfg), progress=False)
+    # --resume-from DIR (an explicit checkpoint folder), then --resume (the latest)
+    second = F.fit(cfg, resume=str(tmp_path / "cut" / "checkpoints" / "step-000000003"), max_steps=1,
+                   model=build(cfg), progress=False)
     assert second.step == 4 and "max_steps" in second.stopped
     m = build(cfg)
     third = F.fit(cfg, resume=True, model=m, progress=False)
@@ -258,8 +260,10 @@ def test_two_process_ddp_equals_one_process_accumulating(tiny, data, tmp_path, c
 
     cfg = cfg_for(data, tmp_path, tiny, lr_projection=1e-4, lr_controlnet=1e-4)
     steps = 2
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), str(comfyui), cfg.to_dict(), steps,
-                                                  str(tmp_path / "ddp.safetensors")), nprocs=2, join=True)
+    # fork: the children inherit the imported ComfyUI and the registered tiny type (spawn re-imports, ~20 s)
+    torch.multiprocessing.start_processes(ddp_worker, args=(2, free_port(), str(comfyui), cfg.to_dict(), steps,
+                                                            str(tmp_path / "ddp.safetensors")),
+                                          nprocs=2, join=True, start_method="fork")
     ddp = load_file(str(tmp_path / "ddp.safetensors"))
 
     # one process, same global batch: rank 0's and rank 1's batches (and noise) as two accumulated micro-batches
