@@ -121,3 +121,23 @@ def test_masked_loss_counts_foreground_pixels_only():
     fg[..., :32] = 1
     assert float(masked_mse(eps, noise, fg)) == pytest.approx(2.0)   # all pixels: mean of 4 and 0
     assert float(masked_mse(eps, noise, torch.zeros(1, 1, 64, 64))) == pytest.approx(2.0)  # no fg: plain MSE
+
+
+def test_gradient_checkpointing_gives_the_same_moa_loss_and_gradients(tiny, moa_model, batch):
+    """Recomputed blocks record the routers again in backward; the loss counts the forward pass only,
+    so losses and gradients (routers and experts included) equal the run without checkpointing."""
+    ck = build(tiny, moa=True, gradient_checkpointing=True)
+    ck.load_trainable_state_dict(moa_model.trainable_state_dict())
+    results = []
+    for m in (moa_model, ck):
+        m.zero_grad(set_to_none=True)
+        loss = m.loss(batch, torch.Generator().manual_seed(4))
+        loss.backward()
+        results.append((loss.detach(), float(m.moa.last["router"]),
+                        {n: p.grad.clone() for n, p in m.moa.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+    assert results[0][2].keys() == results[1][2].keys() and len(results[0][2]) == len(list(ck.moa.parameters()))
+    for n in results[0][2]:
+        torch.testing.assert_close(results[0][2][n], results[1][2][n], rtol=1e-4, atol=1e-7, msg=n)
+    moa_model.zero_grad(set_to_none=True)
