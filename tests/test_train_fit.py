@@ -366,3 +366,17 @@ def test_validation_identity_scores_through_evaluate(tmp_path):
     other = score(swapped)["val/identity"]
     empty = score(np.full_like(canvas, 128))["val/identity"]
     assert same > 0.99 and empty == 0.0 and other < same - 0.05, (same, other, empty)
+
+
+def test_run_log_adds_columns_and_a_resume_drops_the_rerun_steps(tmp_path):
+    log = F.RunLog(tmp_path, resume_step=0)
+    log.scalars(1, {"loss": 1.0})
+    log.scalars(2, {"loss": 0.5})
+    log.scalars(2, {"val/identity": 0.25})   # the first validation brings a new column
+    log.scalars(3, {"loss": 0.25})
+    log.close()
+    text = (tmp_path / "logs" / "train.csv").read_text().split()
+    assert text == ["step,loss,val/identity", "1,1.0,", "2,0.5,", "2,,0.25", "3,0.25,"]
+    F.RunLog(tmp_path, resume_step=2).close()    # resumed from step 2: step 3 will be logged again
+    assert (tmp_path / "logs" / "train.csv").read_text().split() == text[:4]
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))

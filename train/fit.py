@@ -238,6 +238,15 @@ class RunLog:
             self._keys = list(row)
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(self._keys)
+        elif set(row) - set(self._keys):
+            # a new column (e.g. val/identity at the first validation): rewrite the file with it
+            with open(self.csv_path, newline="") as f:
+                old = list(csv.DictReader(f))
+            self._keys += [k for k in row if k not in self._keys]
+            with open(self.csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self._keys)
+                w.writeheader()
+                w.writerows(old)
         with open(self.csv_path, "a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self._keys])
         if self.tb is not None:
