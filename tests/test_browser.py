@@ -80,6 +80,8 @@ def _open(pg, url: str) -> None:
     pg.goto(url)
     pg.wait_for_function("window.app && app.graph && app.extensionManager && "
                          "app.extensions.some(e => e.name === 'instantfamily.nodes')", timeout=90_000)
+    # no first-run template dialog popping up over what a test does
+    pg.evaluate("() => app.extensionManager.setting.set('Comfy.TutorialCompleted', true)")
 
 
 def _shot(pg, name: str) -> Path:
@@ -183,6 +185,25 @@ def test_shipped_workflow_loads_with_valid_values(page, object_info, name, title
     assert not overlaps, f"overlapping nodes: {overlaps}"
     groups = page.evaluate("app.graph.groups.map(g => g.title)")
     assert len(groups) >= 2 and page.errors == []
+
+
+def test_node_search_finds_the_pack_by_plain_words(page):
+    """This frontend searches node names and display names only (no alias field), so the display names
+    carry the words users type."""
+    page.keyboard.press("Escape")
+    page.evaluate("() => app.graph.clear()")
+    # the node search box (what a double click on empty canvas opens)
+    page.evaluate("() => { app.extensionManager.command.execute('Workspace.SearchBox.Toggle'); }")
+    box = page.get_by_placeholder("Search Nodes...")
+    found = {}
+    for query, expect in [("identity", "InstantFamily Encode Faces"), ("face", "InstantFamily Face Encoder Loader"),
+                          ("multi person", "InstantFamily Apply"), ("region", "InstantFamily ID Regions")]:
+        box.fill(query)
+        page.wait_for_timeout(800)
+        found[query] = page.evaluate("Array.from(document.querySelectorAll('[role=option]'))"
+                                     ".map(e => e.innerText.split('\\n')[0].trim()).filter(Boolean).slice(0, 8)")
+        assert any(t.startswith(expect) for t in found[query]), (query, found[query])
+    _shot(page, "a_node_search")
 
 
 # ---------------------------------------------------------------- (c) Run on an incomplete graph
