@@ -238,10 +238,23 @@ def test_generated_photos_workers_local_maps_and_rerun(tmp_path, synthetic_root,
     assert after["shard-r000-000002.tar"] == mtimes["shard-r000-000002.tar"]
     assert after["shard-r000-000001.tar"] != mtimes["shard-r000-000001.tar"]
     assert sorted(read_samples(out)) == sorted(samples)
+    # a run killed mid-shard leaves a temp file (removed by the next run); one killed between the rename
+    # and the part-file update leaves a finished shard the part does not list (counted from the tar)
+    (out / ".shard-r000-000001.tar.999.tmp").write_bytes(b"half a shard")
+    part = json.loads((out / "parts" / "r000.json").read_text())
+    del part["shards"]["shard-r000-000002.tar"]
+    (out / "parts" / "r000.json").write_text(json.dumps(part))
+    assert run_prepare(*args, "--workers", 0) == 0
     assert not list(out.glob(".*.tmp"))
+    assert Manifest.load(out).shards == {"shard-r000-000000.tar": 2, "shard-r000-000001.tar": 2,
+                                         "shard-r000-000002.tar": 1}
+    assert (out / "shard-r000-000002.tar").stat().st_mtime_ns == mtimes["shard-r000-000002.tar"]
     # the same folder with other settings is refused rather than mixed
     assert run_prepare(*args[:-1], 3, "--workers", 0) == 2
     assert "another plan" in capsys.readouterr().err
+    assert run_prepare(*args[:-1], 3, "--workers", 0, "--overwrite") == 0
+    assert Manifest.load(out).shards == {"shard-r000-000000.tar": 3, "shard-r000-000001.tar": 2}
+    assert sorted(f.name for f in out.glob("shard-*.tar")) == ["shard-r000-000000.tar", "shard-r000-000001.tar"]
 
 
 def test_rank_world_split_covers_every_input_once(tmp_path, synthetic_root, capsys):
