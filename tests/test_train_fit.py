@@ -195,7 +195,7 @@ def test_stop_and_resume_is_bit_identical(tiny, data, tmp_path, monkeypatch):
         return real_gen(c, rank, step, micro, device)
     monkeypatch.setattr(F, "loss_generator", term_during_step_3)
     first = F.fit(cfg, model=build(cfg), progress=False)
-    assert first.step == 3 and first.stopped.startswith("signal")
+    assert first.step == 3 and first.stopped == "signal SIGTERM"
     monkeypatch.setattr(F, "loss_generator", real_gen)
     # --resume-from DIR (an explicit checkpoint folder), then --resume (the latest)
     second = F.fit(cfg, resume=str(tmp_path / "cut" / "checkpoints" / "step-000000003"), max_steps=1,

@@ -501,11 +501,16 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
                          pin_memory=dist.device.type == "cuda")
 
     stop = {"why": ""}
-    old_handler = None
-    if hasattr(signal, "SIGTERM") and _in_main_thread():
-        def on_term(signum, frame):  # finish the step, checkpoint, exit cleanly (cluster preemption)
-            stop["why"] = f"signal {signum}"
-        old_handler = signal.signal(signal.SIGTERM, on_term)
+    old_handlers: dict[int, Any] = {}
+    if _in_main_thread():
+        def on_term(signum, frame):  # finish the step, checkpoint, exit cleanly (cluster preemption, Ctrl-C)
+            if stop["why"] and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+            stop["why"] = f"signal {signal.Signals(signum).name}"
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old_handlers[sig] = signal.signal(sig, on_term)
 
     bar = None
     if dist.main and progress:
@@ -587,8 +592,8 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
             bar.close()
         if runlog is not None:
             runlog.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         del stream
     return result
 
