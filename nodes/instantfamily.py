@@ -18,6 +18,7 @@ from ..models.weights import WeightFile, load_weights
 from ..pose.canvas import check_same_aspect
 from .faces import FACES
 from .patching import InstantFamilyControlNet, load_controlnet, patch_unet
+from .values import file_fingerprint
 from .prompts import PERSON_PROMPTS, PROMPTS_KEY, PersonPrompts, stacked_prompts
 
 CATEGORY = "InstantFamily"
@@ -66,6 +67,14 @@ class WeightsLoader(io.ComfyNode):
                                    tooltip="A .safetensors file in models/instantfamily (or an extra path).")],
             outputs=[WEIGHTS.Output(display_name="weights", tooltip="For Project IDs, Embedding Stack and Apply.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, weights_name: str) -> str:
+        """Rerun when the file under this name changes (e.g. a newly exported checkpoint)."""
+        import folder_paths
+
+        register_folders()
+        return file_fingerprint(folder_paths.get_full_path("instantfamily", weights_name) or weights_name)
 
     @classmethod
     def execute(cls, weights_name: str) -> io.NodeOutput:
@@ -156,6 +165,14 @@ class LoadIDStack(io.ComfyNode):
                                    tooltip="A saved stack in models/instantfamily/ids.")],
             outputs=[IDS.Output(display_name="ids", tooltip="Projected identity tokens, one block per ID, for the Embedding Stack.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, stack_name: str) -> str:
+        """Rerun when Save ID Stack (or anything) rewrites the file under this name."""
+        import folder_paths
+
+        register_folders()
+        return file_fingerprint(folder_paths.get_full_path("instantfamily", stack_name) or stack_name)
 
     @classmethod
     def execute(cls, stack_name: str) -> io.NodeOutput:

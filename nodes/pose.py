@@ -1,7 +1,6 @@
 """Pose nodes: ComfyUI values in, ``pose`` core calls, ComfyUI values (and previews) out."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..pose import assign, detect, faceboxes, keypoints, kps5, render, templates
 from ..pose import masks as mask_core
 from ..pose.canvas import fit_canvas
-from .values import FACES, POSE_KEYPOINT, image_out, images_uint8
+from .values import FACES, POSE_KEYPOINT, file_fingerprint, image_out, images_uint8
 
 
 CATEGORY = "InstantFamily/pose"
@@ -149,9 +148,9 @@ class PoseFromJSON(io.ComfyNode):
     def fingerprint_inputs(cls, path, **kwargs) -> str:
         """The file's content hash: ComfyUI reruns the node when the file is edited under the same path."""
         try:
-            return hashlib.sha256(cls._file(path).read_bytes()).hexdigest()
-        except (OSError, ValueError):
-            return f"unreadable:{path}"   # execute() reports what is wrong
+            return file_fingerprint(cls._file(path))
+        except ValueError:
+            return "no path"   # execute() reports what is wrong
 
     @classmethod
     def execute(cls, path, coords, canvas_width, canvas_height) -> io.NodeOutput:

@@ -5,6 +5,9 @@ One place, so every node file declares a type the same way and converts pixels t
 """
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 import torch
 from comfy_api.latest import io
@@ -41,3 +44,17 @@ def images_out(arrays: list[np.ndarray]) -> torch.Tensor:
     for i, a in enumerate(arrays):
         out[i, : a.shape[0], : a.shape[1]] = image_out(a)[0]
     return out
+
+
+def file_fingerprint(path: str | os.PathLike, hash_below: int = 1 << 20) -> str:
+    """What a node's ``fingerprint_inputs`` returns for a file it reads, so ComfyUI reruns the node
+    when the file changes under the same name: the content hash for small files, size and
+    modification time for large ones (weights), where hashing every queued prompt would cost."""
+    try:
+        st = os.stat(path)
+        if st.st_size <= hash_below:
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return f"unreadable:{path}"   # the node's execute() reports what is wrong
