@@ -111,7 +111,8 @@ class MoA(io.ComfyNode):
                 WEIGHTS.Input("weights", optional=True,
                               tooltip="Pack weights with trained MoA experts and routers (needed for 'learned')."),
             ],
-            outputs=[io.Model.Output(display_name="model"), ROUTER_MAPS.Output(display_name="router_maps")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the MoA routing (a clone), for the sampler."),
+                     ROUTER_MAPS.Output(display_name="router_maps", tooltip="Router maps captured while sampling, for Router Map Preview.")],
         )
 
     @classmethod
@@ -159,7 +160,7 @@ class RouterMapPreview(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="The sampler's output: makes the preview run after sampling and "
                                 "sets its size."),
             ],
-            outputs=[io.Image.Output(display_name="maps")],
+            outputs=[io.Image.Output(display_name="maps", tooltip="The router maps as images, in ID colours.")],
             is_output_node=True,
         )
 
@@ -191,7 +192,7 @@ class MorphIDs(io.ComfyNode):
                 io.Int.Input("index_b", default=0, min=0, max=63, tooltip="Which ID of ids_b to morph towards."),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="0: person A, 1: person B."),
             ],
-            outputs=[IDS.Output(display_name="ids")],
+            outputs=[IDS.Output(display_name="ids", tooltip="ids_a with ID index_a morphed towards ids_b's ID index_b.")],
         )
 
     @classmethod
@@ -215,7 +216,7 @@ class MorphFaces(io.ComfyNode):
                 io.Int.Input("index_b", default=0, min=0, max=63, tooltip="Which face of faces_b to morph towards."),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="0: person A, 1: person B."),
             ],
-            outputs=[FACES.Output(display_name="faces")],
+            outputs=[FACES.Output(display_name="faces", tooltip="faces_a with face index_a morphed; project it with Project IDs.")],
         )
 
     @classmethod
