@@ -29,7 +29,7 @@ def import_comfy(comfyui: str | os.PathLike | None = None) -> Path:
     is first imported for the device choice to apply."""
     import torch
 
-    from ..demo.headless import find_comfyui
+    from ..comfy_path import find_comfyui
 
     path = find_comfyui(comfyui)
     if str(path) not in sys.path:
