@@ -9,7 +9,7 @@ import sys
 
 from conftest import PACK_ROOT
 
-CORE = ["attention", "models", "pose", "palette.py", "train", "evaluate", "synthetic"]
+CORE = ["attention", "models", "pose", "palette.py", "train", "evaluate", "synthetic", "comfy_path.py"]
 HOST = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "node_helpers", "execution", "server"}
 # The trainer uses ComfyUI's model code (comfy.*) as a library, never its nodes, server or node API.
 TRAINER_MAY_IMPORT = {"comfy"}
