@@ -111,8 +111,10 @@ class MoA(io.ComfyNode):
                 WEIGHTS.Input("weights", optional=True,
                               tooltip="Pack weights with trained MoA experts and routers (needed for 'learned')."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The model with the MoA routing (a clone), for the sampler."),
-                     ROUTER_MAPS.Output(display_name="router_maps", tooltip="Router maps captured while sampling, for Router Map Preview.")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="The model with the MoA routing (a clone), for the sampler."),
+                     ROUTER_MAPS.Output(display_name="router_maps",
+                                        tooltip="Router maps captured while sampling, for Router Map Preview.")],
         )
 
     @classmethod
