@@ -194,7 +194,8 @@ class MorphIDs(io.ComfyNode):
                 io.Int.Input("index_b", default=0, min=0, max=63, tooltip="Which ID of ids_b to morph towards."),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="0: person A, 1: person B."),
             ],
-            outputs=[IDS.Output(display_name="ids", tooltip="ids_a with ID index_a morphed towards ids_b's ID index_b.")],
+            outputs=[IDS.Output(display_name="ids",
+                                tooltip="ids_a with ID index_a morphed towards ids_b's ID index_b.")],
         )
 
     @classmethod
@@ -218,7 +219,8 @@ class MorphFaces(io.ComfyNode):
                 io.Int.Input("index_b", default=0, min=0, max=63, tooltip="Which face of faces_b to morph towards."),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="0: person A, 1: person B."),
             ],
-            outputs=[FACES.Output(display_name="faces", tooltip="faces_a with face index_a morphed; project it with Project IDs.")],
+            outputs=[FACES.Output(display_name="faces",
+                                  tooltip="faces_a with face index_a morphed; project it with Project IDs.")],
         )
 
     @classmethod
