@@ -82,7 +82,7 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, carried into checkpoints
 
     # ------------------------------------------------------------------ checks
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first bad key; returns self."""
         def need(cond: bool, key: str, what: str) -> None:
             if not cond:
@@ -117,7 +117,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Strict: an unknown key or a value of the wrong type is a :class:`ConfigError` naming the key."""
         if not isinstance(data, dict):
             raise ConfigError(f"a training config must be a table/mapping, got {type(data).__name__}")
@@ -128,7 +128,7 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()}).validate()
 
-    def diff(self, other: "TrainConfig", ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """Keys whose values differ: ``{key: (self's, other's)}``."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
