@@ -137,14 +137,15 @@ def loss_generator(cfg: TrainConfig, rank: int, step: int, micro: int, device: t
 
 
 def build_optimizer(cfg: TrainConfig, groups: dict[str, list[torch.nn.Parameter]]) -> torch.optim.AdamW:
-    lrs = {"projection": cfg.lr_projection, "controlnet": cfg.lr_controlnet, "moa": cfg.lr_moa}
     param_groups = []
     for name, params in groups.items():
-        if name not in lrs:
-            raise ValueError(f"model parameter group {name!r} has no learning rate in TrainConfig")
+        # each group's learning rate is the config key lr_<group> (lr_projection, lr_controlnet, lr_moa)
+        lr = getattr(cfg, f"lr_{name}", None)
+        if not isinstance(lr, (int, float)):
+            raise ConfigError(f"model parameter group {name!r} has no learning rate: TrainConfig needs a key lr_{name}")
         params = [p for p in params if p.requires_grad]
         if params:
-            param_groups.append({"params": params, "lr": lrs[name], "name": name})
+            param_groups.append({"params": params, "lr": float(lr), "name": name})
     if not param_groups:
         raise ConfigError("nothing to train: every parameter group is disabled or frozen")
     # foreach=False: the same per-parameter kernel on every device count, so 1 vs N processes agree.
