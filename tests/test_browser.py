@@ -375,3 +375,53 @@ def test_draw_two_regions_save_reload_run_and_the_masks_follow(page, server):
         drawn_px = np.array([box[0] * W, box[1] * H, box[2] * W, box[3] * H])
         assert np.abs(got - drawn_px).max() <= MASK_TOLERANCE_PX, (n, got, drawn_px)
     assert page.errors == []
+
+
+def test_a_box_dropped_on_a_detected_face_snaps_to_it(page, server):
+    """After a run with FACES detected in the editor's own image, a box dragged over a face snaps to the
+    face box grown by the paper's 25% margin. The photo: a 320 x 400 synthetic image with one bright 96-px
+    square (the synthetic detector's "face") centred at (160, 200), i.e. the picture's centre."""
+    from PIL import Image
+
+    from instantfamily_nodes.models.faces import synthetic
+
+    Image.fromarray(synthetic.square_faces_image([(160, 200)], size=96, hw=(400, 320))).save(
+        server.workdir / "input" / "snap_face.png")
+    page.keyboard.press("Escape")
+    page.evaluate("""(pack) => {
+        app.graph.clear();
+        const add = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
+        const img = add('LoadImage', 0, 0); img.widgets.find(w => w.name === 'image').value = 'snap_face.png';
+        const enc = add('InstantFamilyFaceEncoderLoader', 0, 500);
+        enc.widgets.find(w => w.name === 'model_name').value = pack;
+        const faces = add('InstantFamilyEncodeFaces', 400, 0);
+        enc.connect(0, faces, 0); img.connect(0, faces, 1);
+        const reg = add('InstantFamilyIDRegions', 800, 0);
+        reg.widgets.find(w => w.name === 'regions').value =
+            JSON.stringify({version: 1, regions: [{id: 0, shape: 'rect', x: 0.02, y: 0.02, w: 0.2, h: 0.2}]});
+        img.connect(0, reg, reg.findInputSlot('image')); faces.connect(0, reg, reg.findInputSlot('faces'));
+        const prev = add('PreviewImage', 1300, 0); reg.connect(1, prev, 0);
+    }""", server.models.face_pack)
+    before = set(server.get("/history"))
+    page.get_by_test_id("queue-button").click()
+    page.wait_for_function("(app.graph.nodes.find(n => n.type === 'InstantFamilyIDRegions')"
+                           ".instantfamilyEditor.faces || []).length === 1", timeout=120_000)
+    new = {k: v for k, v in server.get("/history").items() if k not in before}
+    assert [v["status"]["status_str"] for v in new.values()] == ["success"]
+    face = page.evaluate("app.graph.nodes.find(n => n.type === 'InstantFamilyIDRegions').instantfamilyEditor.faces[0]")
+    # the reported face is the bright square (independent: the photo itself)
+    sq = (112 / 320, 152 / 400, 208 / 320, 248 / 400)
+    fb = (face["x"], face["y"], face["x"] + face["w"], face["y"] + face["h"])
+    inter = max(0, min(sq[2], fb[2]) - max(sq[0], fb[0])) * max(0, min(sq[3], fb[3]) - max(sq[1], fb[1]))
+    union = (sq[2] - sq[0]) * (sq[3] - sq[1]) + face["w"] * face["h"] - inter
+    assert inter / union > 0.5, (face, sq)
+    g = _editor_geometry(page)
+    _shot(page, "b5_snap_before")
+    # drag the small box from the corner so that it ends over the face (not aligned with it)
+    _drag(page, _screen(g, 0.12, 0.12), _screen(g, 0.45, 0.47))
+    r = page.evaluate(REGIONS_JS)["regions"][0]
+    _shot(page, "b6_snapped")
+    m = 0.25 / 2
+    want = [face["x"] - m * face["w"], face["y"] - m * face["h"], face["w"] * 1.25, face["h"] * 1.25]
+    np.testing.assert_allclose([r["x"], r["y"], r["w"], r["h"]], want, atol=1e-4)
+    assert page.errors == []
