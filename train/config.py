@@ -99,8 +99,8 @@ class TrainConfig:
         need(self.mask_margin >= 0, "mask_margin", "must be >= 0")
         for k in ("lr_projection", "lr_controlnet", "weight_decay", "grad_clip", "adam_eps"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
-        need(self.train_projection or self.train_controlnet, "train_projection",
-             "and train_controlnet are both false: nothing to train")
+        need(self.train_projection or self.train_controlnet or self.moa, "train_projection",
+             "train_controlnet and moa are all false: nothing to train")
         need(self.lr_warmup >= 0, "lr_warmup", "must be >= 0")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {MIXED_PRECISION}")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
