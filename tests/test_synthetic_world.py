@@ -235,3 +235,29 @@ def test_world_scenes_through_train_prepare(world_pack, tmp_path):
         assert sample.pose.shape == (len(scene.identities), 18, 3)
         seen += 1
     assert seen == 8
+
+
+def test_bench_harness_runs_through_comfyui(world_pack, comfyui, tmp_path):
+    """bench/synthetic.py --quick: world refs and pose through the pack's nodes in ComfyUI's executor,
+    on untrained tiny models (so only the plumbing and the result format are checked, not accuracy)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import PACK_ROOT
+
+    _, _, _, folder = world_pack
+    shutil.copytree(folder, tmp_path / "bench_models" / "insightface" / "models" / "synthetic_world")
+    out = tmp_path / "res.json"
+    proc = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "synthetic.py"), "--quick", "--identities", "16",
+                           "--cache", str(tmp_path), "--out", str(out), "--comfyui", str(comfyui)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert data["untrained"] is True
+    assert set(s["accuracy_masked"]) == set(s["accuracy_unmasked"]) == set(s["masked_minus_unmasked"]) == {"1", "2"}
+    assert s["accuracy_masked"]["1"] == 1.0          # one identity: among-N is trivially right
+    assert len(data["per_position"]["masked"]["2"]["asked"][0]) == 2
+    assert out.with_suffix(".png").is_file()
