@@ -360,8 +360,7 @@ def train_step(ddp: Any, model: Any, optimizer: torch.optim.Optimizer, scheduler
         ctx = ddp.no_sync() if (dist.on and m < len(pairs) - 1) else nullcontext()
         with ctx:
             loss = ddp(batch, gen)
-            if not torch.isfinite(loss.detach()):
-                finite.zero_()
+            finite.mul_(torch.isfinite(loss.detach()).to(finite.dtype))  # on the device: no sync per micro-batch
             # backward even on a NaN so every process reaches the same all-reduce, then all stop together
             (loss / len(pairs)).backward()
         losses.append(loss.detach().float())
