@@ -34,6 +34,9 @@ from .masks import IDMasks, check_mode
 
 # Paper mode materialises logits; cap one chunk at this many float32 elements (256 MiB).
 _PAPER_CHUNK_ELEMENTS = 1 << 26
+# Hard regional kernel: up to this many pixel classes (sets of visible token groups) run one attention
+# each; masks that make more (many small overlaps) run the merging kernel instead.
+MAX_PIXEL_CLASSES = 64
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -109,6 +112,9 @@ def masked_attention(
         paper = _paper_regional_attention if regional else _paper_attention
         return merge_heads(paper(qh, kh, vh, layout, masks, grid))
     if regional:
+        classes = masks.pixel_classes(layout, *grid, q.device, q.dtype, MAX_PIXEL_CLASSES)
+        if classes is not None:
+            return merge_heads(_class_attention(qh, kh, vh, classes))
         return merge_heads(_regional_attention(qh, kh, vh, layout, masks, grid))
     bias = masks.hard_bias(layout, *grid, q.dtype, q.device)
     return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias))
@@ -213,6 +219,28 @@ def _regional_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> t
         o_n, l_n = _part_attention(q_rows[:, idx].transpose(1, 2), k[:, :, tokens], v[:, :, tokens], grad)
         merged.add(idx, o_n.transpose(1, 2).to(work), l_n.transpose(1, 2).to(work) + log_w[:, None])
     return merged.result(q.dtype)
+
+
+def _class_attention(q, k, v, classes) -> torch.Tensor:
+    """Hard mode, pixels grouped by the token groups they see (``IDMasks.pixel_classes``): one fused
+    attention per class over the text and that class's visible tokens, with the log-weight bias only
+    where a weight is not 1. Every pixel is in exactly one class and sees no other token, so this is
+    exact and needs no merging; the outputs are put back in pixel order by one gather (differentiable
+    as it stands). Rows are gathered pixel-major (B, Q, H, d), the memory order of the projections, so
+    each gather copies whole rows."""
+    q_rows, k_rows, v_rows = (t.transpose(1, 2) for t in (q, k, v))      # (B, L, H, d), contiguous
+    outs, order = [], []
+    for idx, tokens, bias in classes:
+        qc = q_rows.index_select(1, idx).transpose(1, 2)
+        kc, vc = (t.index_select(1, tokens).transpose(1, 2) for t in (k_rows, v_rows))
+        outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias).transpose(1, 2))
+        order.append(idx)
+    if len(outs) == 1:
+        return outs[0].transpose(1, 2)
+    perm = torch.cat(order)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return torch.cat(outs, dim=1).index_select(1, inverse).transpose(1, 2)
 
 
 def _paper_attention(q, k, v, layout: TokenLayout, masks: IDMasks, grid) -> torch.Tensor:

@@ -225,6 +225,45 @@ class IDMasks:
                 self._cache[key] = bias.to(dtype).contiguous()
         return self._cache[key]
 
+    def pixel_classes(self, layout: TokenLayout, h: int, w: int, device, dtype: torch.dtype,
+                      max_classes: int = 64) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
+        """For masks shared by the batch (hard mode): the pixels grouped by which token groups they see.
+
+        Per class: (pixel indices, the context tokens the class sees: the text, then each visible
+        group's tokens, and an additive bias (pixels, tokens) in ``dtype`` holding log(strength *
+        mask) of each visible token, or None when every such weight is 1). A class's pixels see no
+        other token at all, so one attention over these tokens is exact for them. None when the masks
+        make more than ``max_classes`` classes (then the merging kernel runs)."""
+        device = torch.device(device)
+        key = ("classes", layout, h, w, device, dtype, max_classes)
+        if key not in self._cache:
+            if self.batch != 1:
+                raise ValueError("pixel classes need masks shared by the batch; per-sample masks run dense")
+            mask, strength, _ = self.group_terms(layout, h, w, device)
+            weight = (mask * strength.unsqueeze(-1))[0]                # (G, Q)
+            visible = (weight > 0).T                                   # (Q, G)
+            signatures, which = torch.unique(visible, dim=0, return_inverse=True)
+            if signatures.shape[0] > max_classes:
+                self._cache[key] = None
+                return None
+            text = torch.arange(layout.text_len, device=device)
+            classes = []
+            for c, sig in enumerate(signatures):
+                idx = (which == c).nonzero()[:, 0]
+                groups = sig.nonzero()[:, 0].tolist()
+                tokens = torch.cat([text] + [torch.arange(layout.groups[g].tokens.start, layout.groups[g].tokens.stop,
+                                                          device=device) for g in groups])
+                w_c = weight[groups][:, idx]                           # (g, P)
+                bias = None
+                if groups and not bool((w_c == 1).all()):
+                    counts = [layout.groups[g].length for g in groups]
+                    logw = w_c.to(torch.promote_types(dtype, torch.float32)).log().T   # (P, g)
+                    per_token = logw.repeat_interleave(torch.tensor(counts, device=device), dim=-1)
+                    bias = torch.cat([per_token.new_zeros(len(idx), layout.text_len), per_token], -1).to(dtype)
+                classes.append((idx, tokens, bias))
+            self._cache[key] = classes
+        return self._cache[key]
+
     def regions_for(self, layout: TokenLayout, h: int, w: int, device,
                     dtype: torch.dtype = torch.float32) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
         """For masks shared by the batch: per visible token group, (its token slice, pixel indices

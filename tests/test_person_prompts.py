@@ -223,3 +223,28 @@ def test_stack_context_appends_person_prompts_after_the_ids():
     assert torch.equal(ctx[0, layout.prompt_slice(0)], p0) and torch.equal(ctx[1, layout.prompt_slice(2)], p2[0])
     with pytest.raises(ValueError, match="person prompt 1: expected"):
         stack_context(text, ids, [p0, torch.randn(77, 4)])
+
+
+@pytest.mark.parametrize("max_classes", [64, 0])
+def test_hard_regional_pixel_classes_and_the_merging_fallback(monkeypatch, max_classes):
+    """The hard regional kernel runs one attention per pixel class (pixels that see the same token
+    groups); with more classes than MAX_PIXEL_CLASSES it merges per-group parts instead. Both exact."""
+    from instantfamily_nodes.attention import masked as masked_module
+
+    monkeypatch.setattr(masked_module, "MAX_PIXEL_CLASSES", max_classes)
+    rng = np.random.default_rng(11)
+    layout = TokenLayout(77, 3, 5, prompt_lens=(6, 0, 9, 4))
+    faces, regions = rects(3, 48, 48, rng, soft=True), rects(4, 48, 48, rng, soft=True)
+    masks = IDMasks(torch.from_numpy(faces), [1.0, 0.5, 2.0], torch.from_numpy(regions), [1.0, 1.0, 0.7, 1.0])
+    q, k, v = qkv(2, (6, 6), layout, 2, 4, seed=9)
+    out = masked_attention(q, k, v, 2, layout, masks, (6, 6), "hard", "regional")
+    ref, _ = reference_attention(q, k, v, 2, 77, 5, faces, (6, 6), "hard", [1.0, 0.5, 2.0], (6, 0, 9, 4), regions,
+                                 [1.0, 1.0, 0.7, 1.0])
+    np.testing.assert_allclose(out.numpy(), ref, atol=2e-5, rtol=1e-4)
+    classes = masks.pixel_classes(layout, 6, 6, "cpu", torch.float32, max_classes)
+    if max_classes:
+        # Every pixel in exactly one class, and each class sees the text first.
+        assert sorted(torch.cat([c[0] for c in classes]).tolist()) == list(range(36))
+        assert all(torch.equal(c[1][:77], torch.arange(77)) for c in classes)
+    else:
+        assert classes is None
