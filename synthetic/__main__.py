@@ -4,6 +4,8 @@
   (``<out>/models/<name>/``) that ``train prepare``, the nodes and the benchmark load as
   ``insightface/<name>`` with ``--models-root <out>``.
 - ``scenes``: write world scenes as a ``train prepare`` input folder (image + caption + pose JSON).
+- ``experiment``: all of it through the pack's tools: recognizer -> scenes -> ``train prepare`` ->
+  ``train fit`` on ``--base`` -> ``train export`` -> ``bench/synthetic.py`` (see :mod:`.experiment`).
 """
 from __future__ import annotations
 
@@ -38,6 +40,17 @@ def _scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+
+    path = run_experiment(args.out, args.base, scenes=args.scenes, size=args.size, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, ns=args.ns, bench_scenes=args.bench_scenes,
+                          sample_steps=args.sample_steps, identities=args.identities, seed=args.seed,
+                          comfyui=args.comfyui, force=args.force)
+    print(f"results: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m instantfamily_nodes.synthetic", description=__doc__.split("\n")[0])
@@ -61,6 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--identities", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_scenes)
+    e = sub.add_parser("experiment", help="recognizer -> scenes -> train prepare -> fit -> export -> bench")
+    e.add_argument("--out", required=True, help="experiment folder (rerun to resume; --force to redo)")
+    e.add_argument("--base", required=True,
+                   help="SD1.5-shaped base checkpoint that draws the world, or 'tiny' (random: plumbing only)")
+    e.add_argument("--scenes", type=int, default=2000)
+    e.add_argument("--size", type=int, default=128)
+    e.add_argument("--steps", type=int, default=500, help="train fit steps")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--lr", type=float, default=1e-4, help="projection and ControlNet learning rate")
+    e.add_argument("--ns", default="1,2,3,4,7")
+    e.add_argument("--bench-scenes", type=int, default=8)
+    e.add_argument("--sample-steps", type=int, default=20)
+    e.add_argument("--identities", type=int, default=24)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--comfyui", default=None)
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(func=_experiment)
     args = p.parse_args(argv)
     return int(args.func(args) or 0)
 
