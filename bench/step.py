@@ -3,8 +3,11 @@
 Side by side in one run (interleaved rounds, best round kept):
   vanilla      text-only conditioning, plain ControlNet path
   masked N     InstantFamily: N IDs stacked, every UNet and ControlNet cross-attention masked
-  regional N   what users do today: one ConditioningSetMask per person + ConditioningCombine
-               (no identity adapter at all: the cheapest form of today's per-person chains)
+  prompts N    InstantFamily with per-person prompts: N IDs plus N person prompts (77 tokens each),
+               each prompt masked to its person's region, all in the same masked pass
+  regional N   what users do today for per-person prompts: one ConditioningSetMask per person (on the
+               same person regions as "prompts N") + ConditioningCombine (no identity adapter at all:
+               the cheapest form of today's per-person chains)
 cfg > 1, so cond and uncond are both evaluated. 256x256 on CPU, 512x512 on CUDA by default.
 
     python bench/step.py [--device cuda] [--size 512] [--quick]
@@ -14,6 +17,7 @@ Needs ComfyUI: $COMFYUI_PATH, two folders above the pack, or /opt/ComfyUI.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -83,17 +87,68 @@ def masked(model, control, n: int, size: int, hint):
     return patch_unet(model, binding), pos, neg
 
 
+def grid_person_masks(n: int, size: int) -> torch.Tensor:
+    """The person (body) region around each face of grid_face_masks: its whole grid cell grown by 10% on
+    each side, so neighbours overlap a little as body boxes do."""
+    m = torch.zeros(n, size, size)
+    cols = max(1, int(n ** 0.5 + 0.999))
+    cell = size // cols
+    pad = cell // 10
+    for i in range(n):
+        r, c = divmod(i, cols)
+        m[i, max(0, r * cell - pad): (r + 1) * cell + pad, max(0, c * cell - pad): (c + 1) * cell + pad] = 1
+    return m
+
+
+def prompts(model, control, n: int, size: int, hint):
+    """N IDs + N person prompts in one masked pass; the negative has the same layout (null IDs, the
+    encoding of "" per person), as the Embedding Stack builds it."""
+    import nodes
+
+    from instantfamily_nodes.attention import IDMasks, TokenLayout
+    from instantfamily_nodes.attention.layer import IdentityBinding
+    from instantfamily_nodes.models import IDProjection, stack_context
+    from instantfamily_nodes.nodes.patching import patch_unet
+
+    proj = IDProjection()
+    with torch.no_grad():
+        ids = proj(torch.randn(n, 512), torch.randn(n, 7, 7, 512))
+        null = proj.null_tokens(n)
+    lines = [text(seed=10 + i)[0][0] for i in range(n)]
+    empty = text(seed=2)[0][0]
+    pos_ctx, layout = stack_context(text()[0][0], ids, lines)
+    neg_ctx, neg_layout = stack_context(text(seed=1)[0][0], null, [empty] * n)
+    assert layout == neg_layout == TokenLayout(77, n, 50, prompt_lens=(77,) * n)
+    binding = IdentityBinding(layout, IDMasks(grid_face_masks(n, size), regions=grid_person_masks(n, size)))
+    pos = [[pos_ctx, {"cross_attn_controlnet": pos_ctx}]]
+    neg = [[neg_ctx, {"cross_attn_controlnet": neg_ctx}]]
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
+    return patch_unet(model, binding), pos, neg
+
+
 def regional(model, control, n: int, size: int, hint):
     import nodes
 
     setmask, combine = nodes.ConditioningSetMask(), nodes.ConditioningCombine()
     pos = text()
-    for i, m in enumerate(grid_face_masks(n, size)):
+    for i, m in enumerate(grid_person_masks(n, size)):
         person = setmask.append(text(seed=10 + i), m, "default", 1.0)[0]
         pos = combine.combine(pos, person)[0]
     neg = text(seed=1)
     pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
     return model, pos, neg
+
+
+def moa(model, control, n: int, size: int, hint):
+    """MoA (issue 12) over the masked setup as a trained MoA file runs it: learned routers and own
+    personalised experts in every UNet cross-attention, so each layer runs both experts + the router."""
+    from instantfamily_nodes.attention.moa import MoABinding, MoAConfig, moa_layers, moa_state_dict
+    from instantfamily_nodes.models.weights import WeightFile
+    from instantfamily_nodes.nodes.moa import patch_moa
+
+    patched, pos, neg = masked(model, control, n, size, hint)
+    trained = moa_state_dict(moa_layers(model.get_model_object("diffusion_model"), MoAConfig(), share_expert=False))
+    return patch_moa(patched, MoABinding("learned"), MoAConfig(), WeightFile(None, trained)), pos, neg
 
 
 def run(device: str, size: int, quick: bool) -> None:
@@ -106,6 +161,9 @@ def run(device: str, size: int, quick: bool) -> None:
     setups = {"vanilla": (model, *nodes.ControlNetApplyAdvanced().apply_controlnet(text(), text(seed=1), control, hint, 1.0, 0.0, 1.0))}
     for n in ns:
         setups[f"masked N={n}"] = masked(model, control, n, size, hint)
+    setups["moa N=4"] = moa(model, control, 4, size, hint)
+    for n in ns:
+        setups[f"prompts N={n}"] = prompts(model, control, n, size, hint)
     for n in ns:
         setups[f"regional N={n}"] = regional(model, control, n, size, hint)
 
@@ -135,7 +193,27 @@ def run(device: str, size: int, quick: bool) -> None:
     notes = (f"Targets: masked N=4 <= 1.10x vanilla (measured {m4:.3f}); masked N=8 / N=1 <= 1.15 "
              f"(measured {m8:.3f}). One step includes ComfyUI's sampler overhead (cond preparation, "
              "ControlNet hint upscaling), as a user sees it.")
+    p4 = times.get("prompts N=4", float("nan")) / times["vanilla"]
+    r4 = times.get("regional N=4", float("nan")) / times["vanilla"]
+    notes += (f" Per-person prompts (issue 13): prompts N=4 {p4:.3f}x vanilla (target <= 1.15), regional "
+              f"conditioning on the same person regions {r4:.3f}x.")
+    moa4 = times["moa N=4"] / times["masked N=4"]
+    notes += (f" MoA (issue 12): moa N=4 (learned routers, own experts) {moa4:.3f}x masked N=4, "
+              f"{times['moa N=4'] / times['vanilla']:.3f}x vanilla.")
     path = write_results("step", device, info, header, rows, notes)
+    # Headline ratios for other tools and the README, next to the table.
+    results = path.with_suffix(".json")
+    data = json.loads(results.read_text())
+    data["summary"] = {
+        "masked_n4_vs_vanilla": m4,
+        "masked_n8_vs_n1": m8,
+        "person_prompts_n4_vs_vanilla": p4,
+        "regional_n4_vs_vanilla": r4,
+        "person_prompts_n4_vs_regional_n4": p4 / r4,
+        "moa_vs_masked_step": moa4,
+        "moa_n4_vs_vanilla": times["moa N=4"] / times["vanilla"],
+    }
+    results.write_text(json.dumps(data, indent=1) + "\n")
     print(markdown_table(header, rows))
     print(notes)
     print(f"\nwritten: {path}")
