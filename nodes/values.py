@@ -33,7 +33,8 @@ def images_uint8(images: torch.Tensor) -> list[np.ndarray]:
 
 def image_out(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> IMAGE [1, H, W, 3] float32."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).float().div(255.0).unsqueeze(0)
+    # torch.tensor copies, so read-only arrays (e.g. from PIL) need no special care
+    return torch.tensor(np.asarray(arr), dtype=torch.float32).div(255.0).unsqueeze(0)
 
 
 def images_out(arrays: list[np.ndarray]) -> torch.Tensor:

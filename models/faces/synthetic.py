@@ -27,6 +27,8 @@ def _export(module, example, path, **kwargs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the detector's strided anchor sampling cannot be constant-folded; harmless
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         torch.onnx.export(module, example, str(path), opset_version=17, dynamo=False, **kwargs)
 
 
