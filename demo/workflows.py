@@ -107,9 +107,26 @@ def _size_value(prompt: dict, value) -> tuple[int | None, dict | None]:
     return None, None
 
 
+def scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    """(w, h) shrunk so the longer side is at most ``max_side``, both multiples of 8 and, when possible, the
+    aspect ratio EXACTLY kept (768 x 512 -> 240 x 160 for 256, not 256 x 168): nodes that check that two
+    sizes have one aspect (pose vs picture) must still agree after shrinking."""
+    import math
+
+    if w % 8 == 0 and h % 8 == 0:
+        g = math.gcd(w // 8, h // 8)
+        uw, uh = w // g, h // g           # smallest multiple-of-8 size with this aspect
+        k = max_side // max(uw, uh)
+        if k >= 1:
+            return uw * k, uh * k
+    s = max_side / max(w, h)
+    return max(8, int(w * s) // 8 * 8), max(8, int(h * s) // 8 * 8)
+
+
 def bind(prompt: dict, models: ModelChoice, max_side: int | None = None, steps: int | None = None) -> dict:
     """A copy of ``prompt`` with the chosen model files, the picture scaled so its longer side is at most
-    ``max_side`` (aspect kept, multiples of 8; a size linked from PrimitiveInt nodes is scaled there, once)
+    ``max_side`` (multiples of 8, aspect kept exactly when possible: :func:`scaled_size`; a size linked from
+    PrimitiveInt nodes is scaled there, once)
     and sampler steps set to ``steps``."""
     out = copy.deepcopy(prompt)
     scaled: set[int] = set()
@@ -123,8 +140,7 @@ def bind(prompt: dict, models: ModelChoice, max_side: int | None = None, steps: 
             wk, hk = SIZE_INPUTS[ctype]
             (w, w_src), (h, h_src) = _size_value(out, inputs.get(wk)), _size_value(out, inputs.get(hk))
             if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 and max(w, h) > max_side:
-                s = max_side / max(w, h)
-                nw, nh = max(8, int(w * s) // 8 * 8), max(8, int(h * s) // 8 * 8)
+                nw, nh = scaled_size(w, h, max_side)
                 for src, key, v in ((w_src, wk, nw), (h_src, hk, nh)):
                     if src is None:
                         inputs[key] = v

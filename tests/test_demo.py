@@ -146,7 +146,7 @@ def test_every_shipped_workflow_validates_and_runs_headless(comfy_headless, tiny
             assert files and all(f.is_file() for f in files), (name, nid, result.outputs)
             if prefix.endswith(("/image", "/pose_masks")):  # picture-sized outputs follow the bound size
                 w, h = Image.open(files[0]).size
-                assert max(w, h) == 256
+                assert (h, w) == workflows.picture_size(prompt) and max(w, h) <= 256
 
 
 def test_validation_errors_name_the_node_and_input(comfy_headless, tiny_models):
@@ -169,9 +169,17 @@ def test_workflow_binding_scales_sizes_and_swaps_models():
     kinds = {n["class_type"]: n["inputs"] for n in bound.values()}
     assert kinds["CheckpointLoaderSimple"]["ckpt_name"] == "a.safetensors"
     assert kinds["ControlNetLoader"]["control_net_name"] == "b.safetensors"
-    assert (kinds["EmptyLatentImage"]["width"], kinds["EmptyLatentImage"]["height"]) == (384, 256)
+    # one picture size: EmptyLatentImage and Pose Control both take it from the PrimitiveInt pair
+    assert kinds["EmptyLatentImage"]["width"] == kinds["InstantFamilyPoseControl"]["width"]
+    assert workflows.picture_size(bound) == (256, 384)
+    assert sorted(n["inputs"]["value"] for n in bound.values() if n["class_type"] == "PrimitiveInt") == [256, 384]
     assert kinds["KSampler"]["steps"] == 2
-    assert prompt["8"]["inputs"]["width"] == 768  # the shipped file is untouched
+    assert workflows.picture_size(prompt) == (512, 768)  # the shipped file is untouched
+    # shrinking keeps the aspect exactly where multiples of 8 allow (hand-computed)
+    assert workflows.scaled_size(768, 512, 256) == (240, 160)
+    assert workflows.scaled_size(512, 768, 384) == (256, 384)
+    assert workflows.scaled_size(1000, 600, 256) == (240, 144)   # 5:3, unit 40 x 24
+    assert workflows.scaled_size(1000, 608, 256) == (256, 152)   # 125:76 has no exact fit: nearest multiples of 8
     with pytest.raises(ValueError, match="unknown workflow 'nope'; shipped: "):
         workflows.load_workflow("nope")
 
@@ -218,12 +226,12 @@ def test_mask_files_for_the_custom_masks_workflow(tmp_path, capsys):
     assert demo._prepare_inputs(prompt, tmp_path, [], [], synthetic_ok=True) == []
     assert "example masks" in capsys.readouterr().out
     masks = [np.asarray(Image.open(tmp_path / f"mask_person_{k}.png")) for k in (1, 2)]
-    assert all(m.shape == (168, 256) and m.max() == 255 for m in masks)
+    assert all(m.shape == (160, 240) and m.max() == 255 for m in masks)
     centre_x = [np.nonzero(m)[1].mean() for m in masks]
-    assert centre_x[0] < 128 < centre_x[1]  # ID 0 = left person
+    assert centre_x[0] < 120 < centre_x[1]  # ID 0 = left person
     assert not ((masks[0] > 0) & (masks[1] > 0)).any()
     mine = tmp_path / "mine.png"
-    Image.fromarray(np.full((168, 256), 255, np.uint8)).save(mine)
+    Image.fromarray(np.full((160, 240), 255, np.uint8)).save(mine)
     out = tmp_path / "given"
     assert demo._prepare_inputs(prompt, out, [], [], synthetic_ok=True, masks=[str(mine)]) == []
     assert (out / "mask_person_1.png").read_bytes() == mine.read_bytes()
