@@ -13,32 +13,16 @@ What is stored (the fit reader relies on it):
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 
+from .host import import_comfy
+
+
 class CheckpointError(ValueError):
     """The --checkpoint cannot serve (missing, not SD1.5); the message says what to do."""
-
-
-def import_comfy(comfyui: str | os.PathLike | None = None) -> Path:
-    """Put ComfyUI's folder on sys.path (``comfyui``, else $COMFYUI_PATH, two folders above the pack,
-    /opt/ComfyUI) and pick CPU when no CUDA device exists; must run before ``comfy.model_management``
-    is first imported for the device choice to apply."""
-    import torch
-
-    from ..comfy_path import find_comfyui
-
-    path = find_comfyui(comfyui)
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    import comfy.cli_args
-
-    if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    return path
 
 
 def comfyui_version(path: Path) -> str:
@@ -59,7 +43,7 @@ class Encoders:
         if not path.is_file():
             raise CheckpointError(f"--checkpoint {path}: file not found; give an SD1.5 checkpoint "
                                   "(.safetensors, the file ComfyUI's Load Checkpoint reads)")
-        self.comfyui = import_comfy(comfyui)
+        self.comfyui = import_comfy(comfyui, checkpoint)
         import comfy.model_detection
         import comfy.sd
         import comfy.supported_models

@@ -44,6 +44,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, load_config
 from .data import SkipEvent, StreamItem, describe, open_stream, validation_samples
+from .host import import_comfy
 
 log = logging.getLogger(__name__)
 
@@ -392,22 +393,8 @@ def train_step(ddp: Any, model: Any, optimizer: torch.optim.Optimizer, scheduler
 # ---------------------------------------------------------------- the loop
 
 def setup_comfy(cfg: TrainConfig, device: torch.device) -> None:
-    """ComfyUI's model code importable (found like the tests find it), in CPU mode without CUDA; the pack's
-    tiny test checkpoints (demo/tiny.py, recognised by their metadata) get their model type registered."""
-    try:
-        import comfy  # noqa: F401
-    except ImportError:
-        from ..comfy_path import find_comfyui
-
-        sys.path.insert(0, str(find_comfyui()))
-    import comfy.cli_args
-
-    if device.type != "cuda":
-        comfy.cli_args.args.cpu = True
-    from ..demo.tiny import is_tiny_checkpoint, register_tiny_model_type
-
-    if cfg.checkpoint and is_tiny_checkpoint(cfg.checkpoint):
-        register_tiny_model_type()
+    """ComfyUI's model code importable, CPU mode without CUDA, tiny test checkpoints registered."""
+    import_comfy(checkpoint=cfg.checkpoint or None, cpu=device.type != "cuda")
 
 
 def _resolve_resume(cfg: TrainConfig, resume: bool | str | None) -> Path | None:
