@@ -6,18 +6,8 @@ import json
 
 import torch
 
+from instantfamily_nodes.demo.headless import _ServerStub
 from instantfamily_nodes.models.id_stack import IDStack, load_id_stack, save_id_stack
-
-
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
 
 
 def test_load_id_stack_reruns_when_the_stack_file_is_rewritten(comfyui, tmp_path, monkeypatch):
@@ -36,7 +26,7 @@ def test_load_id_stack_reruns_when_the_stack_file_is_rewritten(comfyui, tmp_path
     save_id_stack(ids_dir / "family.safetensors", IDStack(torch.zeros(2, 5, 8), "test"))
     prompt = {"1": {"class_type": "InstantFamilyLoadIDStack", "inputs": {"stack_name": "ids/family.safetensors"}},
               "2": {"class_type": "InstantFamilySaveIDStack", "inputs": {"ids": ["1", 0], "name": "copy"}}}
-    ex = execution.PromptExecutor(_Server())
+    ex = execution.PromptExecutor(_ServerStub())
 
     def run(pid: str) -> list:
         ex.execute(json.loads(json.dumps(prompt)), pid, {}, ["2"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from instantfamily_nodes.demo.headless import _ServerStub
 from instantfamily_nodes.models.faces.types import Face, Faces
 from instantfamily_nodes.palette import id_color
 
@@ -187,17 +188,6 @@ def test_kps5_node(pn):
     assert np.all(sub == np.array([0, 0, 255], np.uint8), axis=-1).any()
 
 
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
 def test_template_to_control_graph_runs_in_comfyui(pn):
     import execution
     import nodes
@@ -215,7 +205,7 @@ def test_template_to_control_graph_runs_in_comfyui(pn):
     valid = asyncio.run(execution.validate_prompt("t1", prompt, None))
     assert valid[0] is True and valid[2] == ["3"], valid
     # ...and their previews still show when the graph runs
-    ex = execution.PromptExecutor(_Server())
+    ex = execution.PromptExecutor(_ServerStub())
     ex.execute(prompt, "t1", {}, valid[2])
     assert ex.success, ex.status_messages
     assert len(ex.history_result["outputs"]["2"]["images"]) == 2
@@ -223,7 +213,7 @@ def test_template_to_control_graph_runs_in_comfyui(pn):
     bad = {"1": prompt["1"], "2": {**prompt["2"], "inputs": {**prompt["2"]["inputs"], "mask_shape": "star"}}}
     # this ComfyUI does not check V3 combo values while validating, so the node's own check must
     # stop the run with a message naming the input
-    ex2 = execution.PromptExecutor(_Server())
+    ex2 = execution.PromptExecutor(_ServerStub())
     ex2.execute(bad, "t2", {}, ["2"])
     assert not ex2.success
     errors = [m[1] for m in ex2.status_messages if m[0] == "execution_error"]
@@ -263,7 +253,7 @@ def test_pose_from_json_reruns_when_the_file_changes(pn, tmp_path):
     path.write_text(json.dumps(pn.templates.template_pose_keypoint("2_standing_duo")))
     prompt = {"1": {"class_type": "InstantFamilyPoseFromJSON",
                     "inputs": {"path": str(path), "coords": "auto", "canvas_width": 512, "canvas_height": 512}}}
-    ex = execution.PromptExecutor(_Server())
+    ex = execution.PromptExecutor(_ServerStub())
 
     def cached_nodes(pid: str) -> list:
         # a fresh prompt dict each time, as the server gets (ComfyUI stores the fingerprint in it)
