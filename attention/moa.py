@@ -37,6 +37,7 @@ from torch import nn
 from .layer import (
     OPTIONS_KEY,
     IdentityBinding,
+    MaskedCrossAttention,
     _current_sigma,
     _grid,
     _scoped_options,
@@ -252,6 +253,7 @@ class MoALayer(nn.Module):
         self.path = ""          # module path under its root, set by moa_layers
         self.penalised = True   # in the router loss
         object.__setattr__(self, "inner", inner)  # the prior expert; its parameters are the ones above
+        object.__setattr__(self, "_masked", MaskedCrossAttention(inner))  # same weights, no registration
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.router.parameters())
@@ -314,6 +316,10 @@ class MoALayer(nn.Module):
         def prior(ctx, val=None):
             return self.inner(x, context=ctx, value=val, mask=mask, transformer_options=options)
 
+        if moa is None and binding is not None and self.kind == "cross":
+            # Identities bound but no MoA settings (a host that only sets the pack's binding): behave as
+            # the pack's masked layer, never as unmasked attention over the IDs.
+            return self._masked(x, context=context, value=value, mask=mask, transformer_options=options)
         if binding is None or moa is None or mask is not None or (self.kind == "self" and value is not None):
             return prior(context, value)
         if self.kind == "cross":

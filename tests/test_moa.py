@@ -11,6 +11,7 @@ import torch
 from instantfamily_nodes.attention.layer import OPTIONS_KEY
 from instantfamily_nodes.attention.moa import (
     MOA_KEY,
+    MoABinding,
     MoAConfig,
     MoALayer,
     MoAWeightError,
@@ -269,3 +270,41 @@ def test_with_person_prompts_the_prior_keeps_them_in_their_regions(env):
     assert torch.equal(sample(prior, pos, neg, steps=1), reference)
     mask, _ = moa_node(model, "mask")
     assert not torch.equal(sample(mask, pos, neg, steps=1), reference)
+
+
+def test_in_place_host_scoped_options_and_masked_fallback(comfyui):
+    """In a real SpatialTransformer with the MoA layers installed in place (the trainer's and a
+    ControlNet's way): settings from ``binding_scope`` reach them; the prior equals the original module
+    on the text; with the IDs bound but no MoA settings the layer is the pack's masked layer."""
+    import copy
+
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from instantfamily_nodes.attention import IDMasks, TokenLayout
+    from instantfamily_nodes.attention.layer import (
+        IdentityBinding,
+        MaskedCrossAttention,
+        binding_scope,
+        install_layers,
+        wrap_cross_attention,
+    )
+
+    torch.manual_seed(0)
+    st = SpatialTransformer(32, n_heads=2, d_head=16, depth=1, context_dim=768, use_linear=True)
+    with torch.no_grad():
+        for p in st.parameters():
+            p.normal_(0, 0.2)
+    layout = TokenLayout(77, 2, 5)
+    masks = torch.zeros(2, 64, 96)
+    masks[0, :, :40], masks[1, 16:48, 56:] = 1, 1
+    binding = IdentityBinding(layout, IDMasks(masks))
+    x, ctx = torch.randn(1, 32, 8, 12), torch.randn(1, layout.total, 768)
+    plain, masked = copy.deepcopy(st), copy.deepcopy(st)
+    install_layers(masked, wrap_cross_attention(masked, MaskedCrossAttention))
+    install_layers(st, moa_layers(st))
+    with torch.no_grad():
+        want_prior = plain(x, context=[ctx[:, :77]])
+        with binding_scope({OPTIONS_KEY: binding, MOA_KEY: MoABinding("prior")}):
+            assert torch.equal(st(x, context=[ctx]), want_prior)
+        with binding_scope({OPTIONS_KEY: binding}):
+            got, want = st(x, context=[ctx]), masked(x, context=[ctx])
+        assert torch.equal(got, want) and not torch.allclose(got, plain(x, context=[ctx]))
