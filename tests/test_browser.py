@@ -90,11 +90,25 @@ def _shot(pg, name: str) -> Path:
     return path
 
 
+def _open_template_browser(pg) -> None:
+    """The template browser at the pack's list. (On a fresh profile the frontend may open the browser by
+    itself a moment after start-up, and the command toggles it: so look, and ask again if needed.)"""
+    pack = pg.get_by_text("instantfamily_nodes", exact=True).first
+    for _ in range(3):
+        if not pack.is_visible():
+            pg.keyboard.press("Escape")
+            pg.evaluate("() => { app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+        try:
+            pack.wait_for(state="visible", timeout=8_000)
+            break
+        except sync_api.TimeoutError:
+            continue
+    pack.click()
+
+
 def _load_template(pg, title: str) -> None:
     """Open the template browser, pick the pack, click the card: what a user does."""
-    pg.keyboard.press("Escape")
-    pg.evaluate("() => { app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
-    pg.get_by_text("instantfamily_nodes", exact=True).first.click()
+    _open_template_browser(pg)
     pg.get_by_test_id(f"template-workflow-{title}").click()
     pg.wait_for_function("t => app.graph.nodes.some(n => n.type === 'Note' && n.widgets?.[0]?.value?.startsWith(t))",
                          arg=title, timeout=30_000)
@@ -135,8 +149,7 @@ def _titles():
 def test_template_browser_lists_the_workflows_in_order(page):
     from instantfamily_nodes.demo import workflow_files
 
-    page.evaluate("() => { app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
-    page.get_by_text("instantfamily_nodes", exact=True).first.click()
+    _open_template_browser(page)
     cards = page.locator("[data-testid^='template-workflow-']")
     cards.first.wait_for(timeout=20_000)
     shown = [cards.nth(i).get_attribute("data-testid").removeprefix("template-workflow-") for i in range(cards.count())]
@@ -287,7 +300,7 @@ def test_draw_two_regions_save_reload_run_and_the_masks_follow(page, server):
         page.keyboard.press("Delete")
     assert page.evaluate(REGIONS_JS)["regions"] == []
     assert page.evaluate("app.graph.nodes.some(n => n.type === 'InstantFamilyIDRegions')")
-    # draw two boxes (ID 0 left, ID 1 right); a third one is undone with Ctrl+Z
+    # draw two boxes (ID 0 left, ID 1 right); a third one is undone with Ctrl+Z; then ID 1 is resized
     drags = [(_screen(g, 0.12, 0.10), _screen(g, 0.40, 0.70)), (_screen(g, 0.58, 0.22), _screen(g, 0.86, 0.90))]
     for a, b in drags:
         _drag(page, a, b)
@@ -295,6 +308,10 @@ def test_draw_two_regions_save_reload_run_and_the_masks_follow(page, server):
     assert len(page.evaluate(REGIONS_JS)["regions"]) == 3
     page.keyboard.press("Control+z")   # ComfyUI's own undo: the editor reports each edit to its change tracker
     page.wait_for_function(REGIONS_JS + ".regions.length === 2", timeout=10_000)
+    # resize ID 1 by its lower-right corner
+    corner = _screen(g, 0.90, 0.85)
+    _drag(page, drags[1][1], corner)
+    drags[1] = (drags[1][0], corner)
     drawn = page.evaluate(REGIONS_JS)
     _shot(page, "b2_two_regions_drawn")
     assert [r["id"] for r in drawn["regions"]] == [0, 1]
