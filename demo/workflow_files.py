@@ -57,6 +57,12 @@ WORKFLOWS: dict[str, tuple[str, str]] = {
         "Two photos and one prompt line per person on 'Person prompts' (line 1 = ID 0, line 2 = ID 1; lines "
         "after the IDs are people in the pose without a photo). Each line acts only inside that person's body "
         "region (Person regions), in the same pass as the identities: no extra pass per person."),
+    "moa_subject_swap": (
+        "8. Same scene, other people (MoA)",
+        "Mixture-of-Attention subject swap: photos 1-2 (people A) and photos 3-4 (people B) with the same "
+        "prompt, pose, masks and fixed seed. The MoA node (mask router) lets the identities act only inside "
+        "their grown, feathered masks; everywhere else the base model runs untouched, so both pictures share "
+        "the scene and only the people change. Router Map Preview shows where identity went."),
 }
 
 
