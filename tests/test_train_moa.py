@@ -141,3 +141,16 @@ def test_gradient_checkpointing_gives_the_same_moa_loss_and_gradients(tiny, moa_
     for n in results[0][2]:
         torch.testing.assert_close(results[0][2][n], results[1][2][n], rtol=1e-4, atol=1e-7, msg=n)
     moa_model.zero_grad(set_to_none=True)
+
+
+def test_export_writes_the_moa_tensors_into_the_pack_weight_file(moa_model, tmp_path):
+    from instantfamily_nodes.models.weights import load_weights
+    from instantfamily_nodes.train.export import export_files
+
+    sd = moa_model.trainable_state_dict()
+    export_files(sd, moa_model.cfg.to_dict(), tmp_path / "w.safetensors", tmp_path / "c.safetensors",
+                 face_encoder="insightface/antelopev2")
+    w = load_weights(tmp_path / "w.safetensors")
+    moa = {k: v for k, v in sd.items() if k.startswith("moa.")}
+    assert moa and set(w.group("moa")) == {k[len("moa."):] for k in moa}
+    assert all(torch.equal(w.tensors[k], v.float()) for k, v in moa.items())
