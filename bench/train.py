@@ -5,6 +5,8 @@ with cached latents and text embeddings (as ``train prepare --cache-latents --ca
   plain        a plain ControlNet training step: text-only context, ControlNet trained, UNet frozen
   masked N=4   InstantFamily: 4 IDs projected and stacked, masked attention in all 16 UNet and
                7 ControlNet cross-attention layers, projection + ControlNet trained
+  moa N=4      masked N=4 with MoA (train/moa.py) in the 16 UNet cross-attention layers: frozen prior +
+               trained personalised expert + router per layer, router loss; MoA parameters trained too
 A step is forward + backward + AdamW update, batch 1, fp32 on CPU (bf16 autocast on CUDA).
 FLOPs per sample (forward + backward) come from torch's FlopCounterMode over one real 512 px step,
 so a GPU run can report utilisation. ``prepare`` images/s is measured on generated scenes with the
@@ -162,13 +164,39 @@ def main() -> None:
     steps = {"plain": step_fn(model, batches["plain"], controlnet, args.device),
              f"masked N={N_IDS}": step_fn(model, batches[f"masked N={N_IDS}"],
                                           controlnet + list(model.projection.parameters()), args.device)}
+    # MoA (issue 12): the same model with MoA layers swapped in for its step only (interleaved fairly).
+    from instantfamily_nodes.attention.layer import install_layers
+    from instantfamily_nodes.train.moa import MoASettings, MoATraining
+
+    masked_layers = {p: m for p, m in model.unet.named_modules() if p.endswith("attn2")}
+    moa = MoATraining(model.unet, MoASettings()).to(args.device)      # installs its layers
+    install_layers(model.unet, masked_layers)
+
+    def use_moa(on: bool) -> None:
+        install_layers(model.unet, moa.layers if on else masked_layers)
+        model.moa = moa if on else None
+
+    def switched(fn, on: bool):
+        def step():
+            use_moa(on)
+            return fn()
+        return step
+
+    steps[f"moa N={N_IDS}"] = step_fn(model, batches[f"masked N={N_IDS}"],
+                                      controlnet + list(model.projection.parameters()) + list(moa.parameters()),
+                                      args.device)
+    steps = {name: switched(fn, name.startswith("moa")) for name, fn in steps.items()}
     for fn in steps.values():
         fn()                                          # warm-up, optimizer state allocated
     times = time_interleaved(steps, rounds=1 if args.quick else 3, min_run_time=0.1 if args.quick else 1.0)
     peaks = {name: peak_memory(fn, args.device) for name, fn in steps.items()}
     del steps
+    use_moa(False)
     flops = flops_per_sample(model, 512)
-    del model
+    use_moa(True)
+    moa_flops = flops_per_sample(model, 512)
+    use_moa(False)
+    del model, moa
     rate = prepare_rate(8 if args.quick else 24)
 
     info = machine(args.device)
@@ -178,11 +206,15 @@ def main() -> None:
     notes = (f"Forward + backward FLOPs per masked N={N_IDS} sample at 512 px: {flops / 1e12:.2f} TFLOP "
              f"(FlopCounterMode). prepare: {rate:.2f} images/s (1 worker, synthetic face pack, "
              "512 px scenes with 3 faces).")
+    moa_step = times[f"moa N={N_IDS}"] / times[f"masked N={N_IDS}"]
+    notes += (f" MoA (issue 12): moa N={N_IDS} step {moa_step:.3f}x masked N={N_IDS} (target <= 1.4), FLOPs "
+              f"{moa_flops / flops:.3f}x ({moa_flops / 1e12:.2f} TFLOP per sample at 512 px).")
     path = write_results("train", args.device, info, ["variant", "size", "step ms", "vs plain", "peak MiB"], rows, notes)
     result_json = path.with_suffix(".json")
     data = json.loads(result_json.read_text())
     data["summary"] = {"masked_vs_plain_step": round(times[f"masked N={N_IDS}"] / plain, 3),
                        "flops_per_sample_512": flops, "prepare_images_per_s": round(rate, 3),
+                       "moa_vs_masked_step": round(moa_step, 3), "moa_vs_masked_flops": round(moa_flops / flops, 3),
                        "size": size, "device": args.device}
     result_json.write_text(json.dumps(data, indent=1) + "\n")
     print(path.read_text())
