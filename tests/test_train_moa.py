@@ -154,3 +154,31 @@ def test_export_writes_the_moa_tensors_into_the_pack_weight_file(moa_model, tmp_
     moa = {k: v for k, v in sd.items() if k.startswith("moa.")}
     assert moa and set(w.group("moa")) == {k[len("moa."):] for k in moa}
     assert all(torch.equal(w.tensors[k], v.float()) for k, v in moa.items())
+
+
+def test_fit_with_moa_trains_checkpoints_and_resumes(tiny, tmp_path):
+    """The real loop (train/fit.py): the 'moa' group gets lr_moa, checkpoints carry the moa.* tensors,
+    and a resume loads them back (strictly) and goes on."""
+    import test_train_fit
+    from instantfamily_nodes.train import fit as F
+    from instantfamily_nodes.train.checkpoint import load_checkpoint
+    from instantfamily_nodes.train.model import TrainModel
+    from instantfamily_nodes.train.shards import Manifest
+
+    data = tmp_path / "shards"
+    test_train_fit.write_shards(data, n_shards=2, per_shard=4)
+    cfg = test_train_fit.cfg_for(data, tmp_path / "run", tiny, moa=True, lr_moa=1e-3, steps=2, checkpoint_every=2,
+                                 keep_last=1)
+    model = TrainModel.build(cfg, Manifest.load(cfg.data), "cpu")
+    before = {k: v.clone() for k, v in model.moa.state().items()}
+    res = F.fit(cfg, model=model, progress=False)
+    assert res.step == 2 and not res.stopped and all(np.isfinite(res.losses))
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints")
+    moa_keys = [k for k in ck.model_state if k.startswith("moa.")]
+    assert len(moa_keys) == len(before)
+    assert any(not torch.equal(ck.model_state[k], before[k]) for k in moa_keys)   # the experts/routers trained
+    cfg4 = test_train_fit.cfg_for(data, tmp_path / "run", tiny, moa=True, lr_moa=1e-3, steps=4, checkpoint_every=2,
+                                  keep_last=1)
+    resumed = TrainModel.build(cfg4, Manifest.load(cfg4.data), "cpu")
+    res = F.fit(cfg4, resume=True, model=resumed, progress=False)
+    assert res.step == 4 and not res.stopped
