@@ -114,33 +114,45 @@ def flops_per_sample(model, size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def prepare_rate(n_images: int = 24) -> float:
-    """Images/s of ``train prepare`` (1 worker) on generated scenes with the synthetic face pack."""
+def _prepare_seconds(tmp: Path, n_images: int) -> float:
+    """Wall seconds of one ``train prepare`` run (1 worker) over ``n_images`` generated 3-face scenes."""
     from PIL import Image
 
-    from instantfamily_nodes.models.faces import synthetic
     from instantfamily_nodes.train.__main__ import main as train_main
+
+    src = tmp / f"photos{n_images}"
+    src.mkdir()
+    rng = np.random.default_rng(n_images)
+    for i in range(n_images):
+        img = np.full((512, 512, 3), 40, np.uint8)
+        for j in range(3):
+            x, y = 60 + 150 * j, int(rng.integers(100, 300))
+            img[y:y + 80, x:x + 80] = 230
+        Image.fromarray(img).save(src / f"{i:03d}.png")
+        (src / f"{i:03d}.txt").write_text("three people")
+    out = tmp / f"shards{n_images}"
+    args = ["prepare", "--input", str(src), "--out", str(out), "--resolution", "512", "--face-encoder",
+            "insightface/antelopev2", "--models-root", str(tmp / "models" / "insightface"), "--workers", "1",
+            "--no-progress"]
+    start = time.perf_counter()
+    train_main(args)
+    elapsed = time.perf_counter() - start
+    done = json.loads((out / "manifest.json").read_text())["samples"]
+    if done != n_images:
+        raise RuntimeError(f"prepare bench: {done} of {n_images} generated scenes prepared")
+    return elapsed
+
+
+def prepare_rate(n_small: int = 8, n_large: int = 40) -> float:
+    """Steady-state images/s of ``train prepare`` (1 worker, the synthetic insightface-shaped face pack):
+    two runs of different sizes, so start-up (process spawn, model load) cancels out of the difference."""
+    from instantfamily_nodes.models.faces import synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic.make_model_pack(tmp / "models" / "insightface", "antelopev2")
-        src = tmp / "photos"
-        src.mkdir()
-        rng = np.random.default_rng(0)
-        for i in range(n_images):
-            img = np.full((512, 512, 3), 40, np.uint8)
-            for j in range(3):
-                x, y = 60 + 150 * j, int(rng.integers(100, 300))
-                img[y:y + 80, x:x + 80] = 230
-            Image.fromarray(img).save(src / f"{i:03d}.png")
-            (src / f"{i:03d}.txt").write_text("three people")
-        args = ["prepare", "--input", str(src), "--out", str(tmp / "shards"), "--resolution", "512",
-                "--face-encoder", "insightface/antelopev2", "--models-root", str(tmp / "models" / "insightface"), "--workers", "1", "--no-progress"]
-        start = time.perf_counter()
-        train_main(args)
-        elapsed = time.perf_counter() - start
-        done = json.loads((tmp / "shards" / "manifest.json").read_text())["samples"]
-    return done / elapsed
+        small, large = _prepare_seconds(tmp, n_small), _prepare_seconds(tmp, n_large)
+    return (n_large - n_small) / max(large - small, 1e-9)
 
 
 def main() -> None:
@@ -197,14 +209,14 @@ def main() -> None:
     moa_flops = flops_per_sample(model, 512)
     use_moa(False)
     del model, moa
-    rate = prepare_rate(8 if args.quick else 24)
+    rate = prepare_rate(4, 12) if args.quick else prepare_rate()
 
     info = machine(args.device)
     plain = times["plain"]
     rows = [[name, f"{size}x{size}", round(t * 1000, 1), round(t / plain, 3), round(peaks[name] / 2 ** 20, 1)]
             for name, t in times.items()]
     notes = (f"Forward + backward FLOPs per masked N={N_IDS} sample at 512 px: {flops / 1e12:.2f} TFLOP "
-             f"(FlopCounterMode). prepare: {rate:.2f} images/s (1 worker, synthetic face pack, "
+             f"(FlopCounterMode). prepare: {rate:.2f} images/s steady state (1 worker, synthetic face pack, "
              "512 px scenes with 3 faces).")
     moa_step = times[f"moa N={N_IDS}"] / times[f"masked N={N_IDS}"]
     notes += (f" MoA (issue 12): moa N={N_IDS} step {moa_step:.3f}x masked N={N_IDS} (target <= 1.4), FLOPs "
