@@ -68,6 +68,22 @@ class _State:
 _STATE = _State()
 
 
+def _extra_config_loader(path: Path):
+    """ComfyUI's ``utils.extra_config.load_extra_path_config``. ComfyUI's nodes.py puts ``comfy/`` first
+    on sys.path when imported, and ``comfy/utils.py`` then shadows the top-level ``utils`` package (main.py
+    imports it before nodes.py; here nodes may already be imported): import it with ComfyUI's folder first."""
+    shadow = sys.modules.get("utils")
+    if shadow is not None and not hasattr(shadow, "__path__"):
+        del sys.modules["utils"]           # comfy/utils.py cached under the package's name by a failed import
+    saved = list(sys.path)
+    sys.path.insert(0, str(path))
+    try:
+        from utils.extra_config import load_extra_path_config
+    finally:
+        sys.path[:] = saved
+    return load_extra_path_config
+
+
 def setup_comfyui(comfyui: str | os.PathLike | None = None, extra_model_paths: Iterable[str | os.PathLike] = (),
                   cpu: bool | None = None, output_dir: str | os.PathLike | None = None,
                   input_dir: str | os.PathLike | None = None, quiet: bool = False) -> Path:
@@ -90,8 +106,8 @@ def setup_comfyui(comfyui: str | os.PathLike | None = None, extra_model_paths: I
         args.disable_api_nodes = True
     _STATE.comfyui = path
     import folder_paths
-    from utils.extra_config import load_extra_path_config
 
+    load_extra_path_config = _extra_config_loader(path)
     for y in extra_model_paths:
         key = str(Path(y).resolve())
         if key not in _STATE.yamls:
