@@ -13,18 +13,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
 from ..pose import keypoints
 from ..pose import masks as mask_core
 from ..pose import persons
+from ..pose.canvas import fit_canvas
+from .values import FACES, POSE_KEYPOINT, image_out, images_uint8
 
 CATEGORY = "InstantFamily"
 PERSON_PROMPTS = io.Custom("INSTANTFAMILY_PERSON_PROMPTS")
-PoseKeypoint = io.Custom("POSE_KEYPOINT")
-FacesType = io.Custom("INSTANTFAMILY_FACES")
 PROMPTS_KEY = "instantfamily_person_prompts"   # in stacked conditioning: the PersonPrompts (regions) for Apply
 MAX_SIDE = 8192
 
@@ -131,24 +130,14 @@ class PersonPromptsNode(io.ComfyNode):
         value = PersonPrompts(tuple(lines), cond, _encode(clip, ""), regions.clamp(0, 1), float(strength))
         base = None
         if image is not None and tuple(image.shape[1:3]) == tuple(regions.shape[1:]):
-            base = (image[0, ..., :3].clamp(0, 1) * 255).round().byte().cpu().numpy()
-        preview = torch.from_numpy(persons.prompt_preview(regions.numpy(), lines, base)).float().div(255).unsqueeze(0)
+            base = images_uint8(image[:1])[0]
+        preview = image_out(persons.prompt_preview(regions.numpy(), lines, base))
         return io.NodeOutput(value, preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
 def _canvas(frame: keypoints.PoseFrame, width: int, height: int) -> tuple[int, int]:
     """The pose's own canvas, or width x height of the same aspect (one set: the other follows)."""
-    h, w = frame.canvas_hw
-    if width <= 0 and height <= 0:
-        return int(h), int(w)
-    if height <= 0:
-        return max(1, round(h * width / w)), int(width)
-    if width <= 0:
-        return int(height), max(1, round(w * height / h))
-    if abs(w * height / h - width) > max(1.0, 0.01 * width):
-        raise ValueError(f"width x height {width}x{height} has another aspect than the pose's {w}x{h}; the "
-                         "regions would be stretched. Set one of them to 0 or match the aspect")
-    return int(height), int(width)
+    return fit_canvas(frame.canvas_hw, width, height, "the pose canvas")
 
 
 class PersonRegions(io.ComfyNode):
@@ -161,8 +150,8 @@ class PersonRegions(io.ComfyNode):
             description="One region per person of the pose: the box around all their keypoints and head, plus a "
                         "margin. Order: ID 0's person ... ID N-1's person, then people without an ID left to right.",
             inputs=[
-                PoseKeypoint.Input("pose", tooltip="POSE_KEYPOINT from a template, a file or a detector."),
-                FacesType.Input("faces", optional=True, tooltip="The stacked identities; their count is the number of IDs."),
+                POSE_KEYPOINT.Input("pose", tooltip="POSE_KEYPOINT from a template, a file or a detector."),
+                FACES.Input("faces", optional=True, tooltip="The stacked identities; their count is the number of IDs."),
                 io.Int.Input("id_count", default=2, min=0, max=64,
                              tooltip="Number of IDs when 'faces' is not connected (the same as Pose Control's)."),
                 io.String.Input("person_ids", default="left_to_right",
@@ -194,7 +183,7 @@ class PersonRegions(io.ComfyNode):
         f = frames[frame]
         n = len(faces) if faces is not None else int(id_count)
         m = persons.person_regions(f, _canvas(f, width, height), n, person_ids, margin, mask_shape, feather)
-        preview = torch.from_numpy(np.ascontiguousarray(mask_core.mask_overlay(m))).float().div(255).unsqueeze(0)
+        preview = image_out(mask_core.mask_overlay(m))
         return io.NodeOutput(torch.from_numpy(m), preview, ui=ui.PreviewImage(preview, cls=cls))
 
 

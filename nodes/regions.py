@@ -10,12 +10,12 @@ import torch
 from comfy_api.latest import io
 
 from ..pose import regions as region_core
+from ..pose.canvas import check_same_aspect
 from ..pose.masks import mask_overlay
-from .faces import FACES
+from .values import FACES
 
 CATEGORY = "InstantFamily/pose"
 MAX_SIDE = 8192
-ASPECT_TOLERANCE = 0.01  # relative; 8-px rounding of a 512-px side stays well inside it
 
 
 def _picture_hw(width: int, height: int, image: torch.Tensor | None) -> tuple[int, int]:
@@ -24,12 +24,8 @@ def _picture_hw(width: int, height: int, image: torch.Tensor | None) -> tuple[in
     img_hw = (int(image.shape[1]), int(image.shape[2])) if image is not None else None
     if width > 0 and height > 0:
         if img_hw is not None:
-            a_img, a_set = img_hw[1] / img_hw[0], width / height
-            if abs(a_img / a_set - 1.0) > ASPECT_TOLERANCE:
-                raise ValueError(
-                    f"image is {img_hw[1]} x {img_hw[0]} (aspect {a_img:.3f}) but width x height is {width} x "
-                    f"{height} (aspect {a_set:.3f}): the regions drawn over the image would be stretched. Set "
-                    "width and height to 0 (use the image's size) or to the image's aspect ratio.")
+            check_same_aspect(img_hw, (height, width), "image", "width x height",
+                              "Set width and height to 0 (use the image's size) or to the image's aspect ratio.")
         return int(height), int(width)
     if width > 0 or height > 0:
         raise ValueError(f"width={width}, height={height}: set both (the picture size) or both to 0 to use "
