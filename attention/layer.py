@@ -76,6 +76,19 @@ def _current_sigma(options: dict) -> float | None:
     return float(sigmas.reshape(-1)[0])
 
 
+def resolve_options(transformer_options: dict | None) -> tuple[dict, "IdentityBinding | None"]:
+    """This call's options and identity binding: the host's transformer_options, or, for hosts that do
+    not pass them down (ComfyUI's ControlNet), the ones made visible by :func:`binding_scope`."""
+    options = transformer_options or {}
+    binding: IdentityBinding | None = options.get(OPTIONS_KEY)
+    if binding is None:
+        scoped = _scoped_options.get()
+        if scoped is not None:
+            binding = scoped.get(OPTIONS_KEY)
+            options = {**scoped, **options}
+    return options, binding
+
+
 class MaskedCrossAttention(nn.Module):
     """Cross-attention over [text ; IDs] with each ID visible only inside its mask."""
 
@@ -91,13 +104,7 @@ class MaskedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
-        options = transformer_options or {}
-        binding: IdentityBinding | None = options.get(OPTIONS_KEY)
-        if binding is None:
-            scoped = _scoped_options.get()
-            if scoped is not None:
-                binding = scoped.get(OPTIONS_KEY)
-                options = {**scoped, **options}
+        options, binding = resolve_options(transformer_options)
         # ``value``: ComfyUI passes it (= the context, or what an attn2_patch made of it) whenever an
         # attn2_patch is set; the masked attention takes it, so such patches compose with the IDs.
         if binding is None or context is None or mask is not None:

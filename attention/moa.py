@@ -35,12 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import (
-    OPTIONS_KEY,
     IdentityBinding,
     MaskedCrossAttention,
     _current_sigma,
     _grid,
-    _scoped_options,
+    resolve_options,
     wrap_cross_attention,
 )
 from .layout import TEXT_CHUNK
@@ -304,13 +303,7 @@ class MoALayer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
-        options = transformer_options or {}
-        binding: IdentityBinding | None = options.get(OPTIONS_KEY)
-        if binding is None:
-            scoped = _scoped_options.get()
-            if scoped is not None:
-                binding = scoped.get(OPTIONS_KEY)
-                options = {**scoped, **options}
+        options, binding = resolve_options(transformer_options)
         moa: MoABinding | None = options.get(MOA_KEY)
 
         def prior(ctx, val=None):
