@@ -423,7 +423,15 @@ def test_a_box_dropped_on_a_detected_face_snaps_to_it(page, server):
     page.get_by_test_id("queue-button").click()
     page.wait_for_function("(app.graph.nodes.find(n => n.type === 'InstantFamilyIDRegions')"
                            ".instantfamilyEditor.faces || []).length === 1", timeout=120_000)
-    new = {k: v for k, v in server.get("/history").items() if k not in before}
+    # The editor gets the faces from the node's "executed" message, which ComfyUI sends before it writes
+    # the prompt's history entry: wait for the entry instead of racing it.
+    deadline = time.monotonic() + 60
+    new = {}
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in server.get("/history").items() if k not in before and v.get("status")}
+        if new:
+            break
+        time.sleep(0.2)
     assert [v["status"]["status_str"] for v in new.values()] == ["success"]
     face = page.evaluate("app.graph.nodes.find(n => n.type === 'InstantFamilyIDRegions').instantfamilyEditor.faces[0]")
     # the reported face is the bright square (independent: the photo itself)
