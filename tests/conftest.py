@@ -47,3 +47,16 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"ComfyUI test skipped under CI (CI={os.environ.get('CI')!r}), which counts as a failure: {reason}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny networks (``pytestmark = pytest.mark.usefixtures("one_thread")``): per-op
+    overhead dominates them, and on a shared 2-core CPU more threads only add contention (measured:
+    0.6 s vs 2-18 s per training step with 2 threads under load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -106,20 +106,20 @@ def test_all_16_unet_and_7_controlnet_layers_run_masked_attention_in_one_cond_un
     assert grids == {(32, 32), (16, 16), (8, 8), (4, 4)}
 
 
-def test_isolation_measured_in_a_real_unet_layer_during_sampling(env):
-    """Hard mode: the attention mass outside mask n on ID n's tokens is < 1e-6, and inside it is not."""
-    model, pos, neg = apply(env)
-    layout = pos[0][1]["instantfamily_layout"]
+def attention_mass(model, pos, neg, layout, tokens: slice, grid: tuple[int, int] = (32, 32)) -> list:
+    """Per-pixel attention mass the first UNet cross-attention layer gives ``tokens`` while sampling 2
+    steps: their values set to 1 and all others to 0, the layer's output read before its projection."""
     wrapper = model.object_patches["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"]
     masses = []
 
     def on_v(_m, _i, v):
         out = torch.zeros_like(v)
-        out[:, layout.id_slice(0)] = 1.0
+        if v.shape[1] == layout.total:
+            out[:, tokens] = 1.0
         return out
 
     def before_out(_m, args):
-        masses.append(args[0].mean(-1).reshape(args[0].shape[0], 32, 32))
+        masses.append(args[0].mean(-1).reshape(args[0].shape[0], *grid))
 
     hooks = [wrapper.to_v.register_forward_hook(on_v), wrapper.to_out[0].register_forward_pre_hook(before_out)]
     try:
@@ -128,6 +128,14 @@ def test_isolation_measured_in_a_real_unet_layer_during_sampling(env):
         for h in hooks:
             h.remove()
     assert masses, "the patched layer did not run"
+    return masses
+
+
+def test_isolation_measured_in_a_real_unet_layer_during_sampling(env):
+    """Hard mode: the attention mass outside mask n on ID n's tokens is < 1e-6, and inside it is not."""
+    model, pos, neg = apply(env)
+    layout = pos[0][1]["instantfamily_layout"]
+    masses = attention_mass(model, pos, neg, layout, layout.id_slice(0))
     from instantfamily_nodes.attention import IDMasks
 
     inside = (IDMasks(id_masks(256, 256)).grid(32, 32)[0, 0] > 0).view(32, 32)   # soft border included

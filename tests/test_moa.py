@@ -47,14 +47,7 @@ def env(comfyui, tmp_path_factory):
             "encode": lambda text: encode.encode(clip, text)[0]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet is dominated by per-op overhead; on the shared 2-core CPU more threads only add
-    contention (as in the trainer's tests)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny networks, one thread
 
 
 @pytest.fixture(scope="module")

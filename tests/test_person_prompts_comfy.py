@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from instantfamily_nodes.attention import layer as attention_module
-from test_integration import env, fake_faces, id_masks, sample  # noqa: F401 - env is a fixture
+from test_integration import attention_mass, env, fake_faces, id_masks, sample  # noqa: F401 - env is a fixture
 
 LINES = "a red jacket\n\na blue hat"      # ID 0: a prompt; ID 1: none; person 2 (no photo): a prompt
 
@@ -80,25 +80,7 @@ def test_person_prompt_isolation_in_a_real_unet_layer(env, person):
     outside region p is < 1e-6 (exactly 0), inside it is > 1e-4. Person 2 has no identity."""
     model, pos, neg, _ = apply(env)
     layout = pos[0][1]["instantfamily_layout"]
-    wrapper = model.object_patches["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"]
-    masses = []
-
-    def on_v(_m, _i, v):
-        out = torch.zeros_like(v)
-        if v.shape[1] == layout.total:
-            out[:, layout.prompt_slice(person)] = 1.0
-        return out
-
-    def before_out(_m, args):
-        masses.append(args[0].mean(-1).reshape(args[0].shape[0], 32, 32))
-
-    hooks = [wrapper.to_v.register_forward_hook(on_v), wrapper.to_out[0].register_forward_pre_hook(before_out)]
-    try:
-        sample(model, pos, neg, steps=2)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert masses, "the patched layer did not run"
+    masses = attention_mass(model, pos, neg, layout, layout.prompt_slice(person))
     inside = torch.nn.functional.interpolate(regions()[None], size=(32, 32), mode="area")[0, person] > 0
     for mass in masses:
         assert mass[:, ~inside].abs().max() < 1e-6

@@ -18,13 +18,7 @@ WEIGHTS_NAME = "exported_instantfamily.safetensors"
 CONTROLNET_NAME = "exported_openpose.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: per-op overhead dominates, extra threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny networks, one thread
 
 
 @pytest.fixture(scope="module")

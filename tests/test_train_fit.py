@@ -36,14 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_data import R, ddp_worker, shard_keys, write_shards  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model is all small kernels: one thread avoids oversubscribing a shared 2-core machine
-    # (and keeps the runs bit-reproducible whatever the load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny networks, one thread
 
 
 @pytest.fixture(scope="module")

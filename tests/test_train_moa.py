@@ -22,9 +22,9 @@ from instantfamily_nodes.attention.moa import (
 from instantfamily_nodes.train.batch import make_batch
 from test_train_model import build, cfg_for, make_sample
 
-# The trainer tests' fixtures: the tiny set, one thread (per-op overhead dominates these networks).
+# The trainer tests' fixtures: the tiny set; one thread (conftest) as in the trainer's tests.
 tiny = test_train_model.tiny
-one_thread = test_train_model.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -133,14 +133,7 @@ def test_samples_without_local_features_are_refused():
 
 # ---------------------------------------------------------------- the model (real ComfyUI, tiny set)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny networks are dominated by per-op overhead; on a shared CPU more threads only add
-    contention (measured: 0.6 s vs 2-18 s per step with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny networks, one thread
 
 
 @pytest.fixture(scope="module")
