@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS_DIR, machine  # noqa: E402
 
-PACK = "synthetic_world"
+from instantfamily_nodes.synthetic.workflow import PACK, roundtrip_prompt, world_prompt  # noqa: E402
+
 
 
 def _link(src: Path, dst: Path) -> str:
@@ -84,60 +85,6 @@ def untrained_world_weights(path: Path) -> Path:
     return path
 
 
-def build_prompt(refs: list[str], pose_file: str, hw: tuple[int, int], caption: str, names: dict[str, str],
-                 unmasked: bool, second_model: bool, steps: int, seed: int) -> dict:
-    n = len(refs)
-    h, w = hw
-    wkey, ckey = ("weights_unmasked", "controlnet_unmasked") if second_model else ("weights", "controlnet")
-    p: dict[str, dict] = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["checkpoint"]}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": caption}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "8": {"class_type": "InstantFamilyFaceEncoderLoader",
-              "inputs": {"backend": "insightface", "model_name": PACK, "provider": "CPU", "det_sizes": "640, 480, 320"}},
-        "10": {"class_type": "InstantFamilyWeightsLoader", "inputs": {"weights_name": names[wkey]}},
-        "13": {"class_type": "InstantFamilyPoseFromJSON",
-               "inputs": {"path": pose_file, "coords": "normalized", "canvas_width": w, "canvas_height": h}},
-        "15": {"class_type": "InstantFamilyControlNetLoader", "inputs": {"control_net_name": names[ckey]}},
-        "17": {"class_type": "EmptyLatentImage", "inputs": {"width": w, "height": h, "batch_size": 1}},
-    }
-    for i, r in enumerate(refs):
-        p[f"r{i}"] = {"class_type": "LoadImage", "inputs": {"image": r}}
-    batch = ["r0", 0]
-    for i in range(1, n):   # all portraits have one size: one image batch, one face each, in ID order
-        p[f"b{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": batch, "image2": [f"r{i}", 0]}}
-        batch = [f"b{i}", 0]
-    p["9"] = {"class_type": "InstantFamilyEncodeFaces",
-              "inputs": {"face_encoder": ["8", 0], "images": batch, "faces_per_image": "auto",
-                         "id_order": "left_to_right", "index_list": ""}}
-    p["11"] = {"class_type": "InstantFamilyProjectIDs", "inputs": {"faces": ["9", 0], "weights": ["10", 0]}}
-    p["12"] = {"class_type": "InstantFamilyEmbeddingStack",
-               "inputs": {"positive": ["2", 0], "negative": ["3", 0], "ids": ["11", 0], "weights": ["10", 0]}}
-    p["14"] = {"class_type": "InstantFamilyPoseControl",
-               "inputs": {"pose": ["13", 0], "faces": ["9", 0], "id_count": n, "person_ids": "left_to_right",
-                          "frame": 0, "width": w, "height": h, "circle_scale": 0.2, "margin": 0.25,
-                          "mask_shape": "rect", "feather": 0, "hands": False, "face_keypoints": False}}
-    masks = ["14", 1]
-    if unmasked:   # all-ones masks for every ID: stacking without masks (core nodes only)
-        p["u1"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": w, "height": h}}
-        p["u2"] = {"class_type": "MaskToImage", "inputs": {"mask": ["u1", 0]}}
-        p["u3"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["u2", 0], "amount": n}}
-        p["u4"] = {"class_type": "ImageToMask", "inputs": {"image": ["u3", 0], "channel": "red"}}
-        masks = ["u4", 0]
-    p["16"] = {"class_type": "InstantFamilyApply",
-               "inputs": {"model": ["1", 0], "positive": ["12", 0], "negative": ["12", 1], "masks": masks,
-                          "strength": 1.0, "id_strengths": "", "start_percent": 0.0, "end_percent": 1.0,
-                          "attention_mode": "from weights", "weights": ["10", 0], "control_net": ["15", 0],
-                          "image": ["14", 0], "control_strength": 1.0}}
-    p["18"] = {"class_type": "KSampler",
-               "inputs": {"model": ["16", 0], "positive": ["16", 1], "negative": ["16", 2], "latent_image": ["17", 0],
-                          "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
-                          "denoise": 1.0}}
-    p["19"] = {"class_type": "VAEDecode", "inputs": {"samples": ["18", 0], "vae": ["1", 2]}}
-    p["20"] = {"class_type": "SaveImage", "inputs": {"images": ["19", 0], "filename_prefix": "world_bench/img"}}
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint"), ap.add_argument("--weights"), ap.add_argument("--controlnet")
@@ -188,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     enc = InsightFaceEncoder(pack, provider="CPU", cache_dir=cache / "onnx_cache")
     world = World(args.identities, args.seed)
     variants = ["masked", "unmasked"] + (["trained_unmasked"] if args.weights_unmasked else [])
-    scores = {v: {} for v in variants}
+    scores = {v: {} for v in variants + ["vae_roundtrip"]}
     sheet_rows = []
     ns = [int(n) for n in args.ns.split(",")]
     for n in ns:
-        for v in variants:
+        for v in scores:
             scores[v][n] = PositionScores()
         for k in range(args.scenes):
             scene = world.scene(n, (args.size, args.size), "test", 10_000 * n + k)
@@ -203,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                 refs.append(name)
             pose_file = work / "input" / f"pose_{n}_{k}.json"
             pose_file.write_text(json.dumps(scene.pose_keypoint()))
+            Image.fromarray(scene.image).save(work / "input" / f"scene_{n}_{k}.png")
+            res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))
+            img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
+            score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores["vae_roundtrip"][n])
             row = [np.concatenate([world.portrait(i, (128, 128), "reference", k).image for i in scene.identities], 1),
                    scene.image]
             for v in variants:
-                prompt = build_prompt(refs, str(pose_file), scene.hw, scene.caption, names, unmasked=(v == "unmasked"),
+                prompt = world_prompt(refs, str(pose_file), scene.hw, scene.caption, names, unmasked=(v in ("unmasked", "trained_unmasked")),
                                       second_model=(v == "trained_unmasked"), steps=args.steps, seed=args.seed + k)
                 res = run_prompt(prompt)
                 img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
@@ -215,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             if k == 0:
                 sheet_rows.append(row)
             print(f"N={n} scene {k + 1}/{args.scenes}: " + ", ".join(
-                f"{v} {scores[v][n].accuracy('n'):.2f}" for v in variants), flush=True)
+                f"{v} {scores[v][n].accuracy('n'):.2f}" for v in scores), flush=True)
     acc = {v: {str(n): scores[v][n].accuracy("n") for n in ns} for v in variants}
     summary = {"accuracy_masked": acc["masked"], "accuracy_unmasked": acc["unmasked"],
                "masked_minus_unmasked": {k: acc["masked"][k] - acc["unmasked"][k] for k in acc["masked"]},
@@ -223,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
                "chance": {str(n): 1.0 / n for n in ns}}
     if "trained_unmasked" in acc:
         summary["accuracy_trained_unmasked"] = acc["trained_unmasked"]
+    # the world's own render through the VAE: what any model sampling in this latent space can reach
+    summary["accuracy_vae_roundtrip"] = {str(n): scores["vae_roundtrip"][n].accuracy("n") for n in ns}
     out = Path(args.out) if args.out else RESULTS_DIR / f"synthetic{'-plumbing' if args.plumbing else ''}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"summary": summary, "untrained": bool(args.plumbing), "models": names, "recognizer": pack_meta,
             "scenes_per_n": args.scenes, "size": args.size, "steps": args.steps, "machine": machine("cpu"),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "per_position": {v: {str(n): {"asked": scores[v][n].asked, "found": scores[v][n].found_among_n}
-                                 for n in ns} for v in variants}}
+                                 for n in ns} for v in scores}}
     out.write_text(json.dumps(data, indent=2) + "\n")
     sheet = _contact_sheet(sheet_rows)
     Image.fromarray(sheet).save(out.with_suffix(".png"))

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import headless, workflows
+from . import world as world_demo
 
 DEFAULT_WORKFLOWS = ("4_people_pose_template", "pose_controlnet_plumbing")  # first one shipped is the default
 TINY_MAX_SIDE = 384
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="instantfamily_demo", help="folder for the image, preview and overlay")
     ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, ../.., /opt/ComfyUI)")
     ap.add_argument("--tiny", action="store_true", help="use the tiny untrained models even if real ones exist")
+    ap.add_argument("--world", nargs="?", const=str(world_demo.default_dir()), default=None, metavar="DIR",
+                    help="the model trained on the synthetic world (default folder: "
+                         f"{world_demo.default_dir()}; used anyway when no SD1.5 models are found and it exists)")
+    ap.add_argument("--seed", type=int, default=0, help="world demo: which held-out scene")
     ap.add_argument("--cache", default=None, help=f"where the tiny models are built (default {cache_dir()})")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the workflow's; tiny: 2)")
     ap.add_argument("--cpu", action="store_true", help="force CPU")
@@ -231,6 +236,23 @@ def main(argv: list[str] | None = None) -> int:
         headless.setup_comfyui(comfy_path, cpu=True if a.cpu else None, output_dir=work / "output",
                                input_dir=work / "input", quiet=not a.verbose)
         choice, missing = (workflows.ModelChoice(), ["--tiny given"]) if a.tiny else find_real_models(prompt)
+        if a.world or (missing and not a.tiny and not a.workflow):
+            files = world_demo.WorldFiles(Path(a.world or world_demo.default_dir()))
+            absent = files.missing()
+            if not absent:
+                if missing:
+                    print("Real models not found: " + "; ".join(missing) + ".")
+                print(f"Using the model trained on the synthetic world in {files.root} ...", flush=True)
+                written = world_demo.run_world_demo(files, out_dir, work / "input", seed=a.seed,
+                                                    steps=a.steps or 20)
+                print(f"Done in {time.perf_counter() - t0:.1f} s. Wrote:\n" + "\n".join(f"  {p}" for p in written))
+                return 0
+            if a.world:
+                print(f"--world: {files.root} has no finished world model (missing {absent[0]}); train it once "
+                      f"with:\n  python -m instantfamily_nodes.synthetic experiment --out {files.root}", file=sys.stderr)
+                return 2
+            print("No model trained on the synthetic world either; for a picture from a trained model train it "
+                  f"once (about an hour on 2 CPU cores):\n  {world_demo.TRAIN_COMMAND}")
         use_tiny = bool(missing)
         if use_tiny:
             from . import tiny

@@ -41,7 +41,8 @@ TINY_CONTROLNET = "instantfamily_tiny_openpose.safetensors"
 TINY_WEIGHTS = "instantfamily_tiny.safetensors"
 FACE_PACK = "antelopev2"
 TOKEN_ROWS = 1024
-FORMAT_TAG = "instantfamily-tiny-v1"  # bump when the layout changes: cached sets are rebuilt
+FORMAT_TAG = "instantfamily-tiny-v1"
+WORLD_LATENT_CHANNELS = 16        # the synthetic world base (synthetic/base.py): 8x down, 16 channels  # bump when the layout changes: cached sets are rebuilt
 
 # Exactly what ComfyUI's detector reads back from the keys (comfy.model_detection.detect_unet_config).
 UNET_CONFIG: dict = {
@@ -97,15 +98,27 @@ def _tiny_clip_classes():
     return TinyCLIPTextModel, TinySD1ClipModel
 
 
-def register_tiny_model_type() -> type:
-    """Teach this process's ComfyUI to load the tiny checkpoint/ControlNet (idempotent; returns the class).
+def _world_latent_format() -> type:
+    import comfy.latent_formats
 
-    Test/demo only: it adds a model type matching model_channels=32 / context 768, which no real model has."""
+    class WorldLatent(comfy.latent_formats.LatentFormat):
+        # The world VAE's own vae_scale / vae_shift already give zero-mean unit-variance latents.
+        latent_channels = WORLD_LATENT_CHANNELS
+        scale_factor = 1.0
+
+    return WorldLatent
+
+
+def register_tiny_model_type() -> type:
+    """Teach this process's ComfyUI to load the tiny checkpoint/ControlNet and the synthetic world's base
+    (same UNet, WORLD_LATENT_CHANNELS latent channels; synthetic/base.py). Idempotent; returns the tiny class.
+
+    Test/demo only: it adds model types matching model_channels=32 / context 768, which no real model has."""
     import comfy.supported_models
     import comfy.supported_models_base
 
     for cls in comfy.supported_models.models:
-        if getattr(cls, "instantfamily_tiny", False):
+        if getattr(cls, "instantfamily_tiny", False) and not getattr(cls, "instantfamily_world", False):
             return cls
     _, tiny_clip = _tiny_clip_classes()
 
@@ -121,9 +134,20 @@ def register_tiny_model_type() -> type:
 
             return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, tiny_clip)
 
-    # First in the list: it matches nothing real, and nothing earlier may claim the tiny files.
+    class InstantFamilyWorldSD15(InstantFamilyTinySD15):
+        instantfamily_world = True
+        unet_config = {**InstantFamilyTinySD15.unet_config, "in_channels": WORLD_LATENT_CHANNELS}
+        latent_format = _world_latent_format()
+
+        def inpaint_model(self):
+            # ComfyUI reads in_channels > 4 as an inpainting UNet; here the latent itself has 16 channels.
+            return False
+
+    # First in the list: they match nothing real, and nothing earlier may claim the tiny files; the world
+    # type before the tiny one, whose config (no in_channels) would match the world's files too.
     comfy.supported_models.models.insert(0, InstantFamilyTinySD15)
-    _REGISTERED.append(InstantFamilyTinySD15)
+    comfy.supported_models.models.insert(0, InstantFamilyWorldSD15)
+    _REGISTERED.extend([InstantFamilyTinySD15, InstantFamilyWorldSD15])
     return InstantFamilyTinySD15
 
 

@@ -4,6 +4,7 @@
   (``<out>/models/<name>/``) that ``train prepare``, the nodes and the benchmark load as
   ``insightface/<name>`` with ``--models-root <out>``.
 - ``scenes``: write world scenes as a ``train prepare`` input folder (image + caption + pose JSON).
+- ``base``: train the world's base model (VAE + UNet, :mod:`.base`), the stand-in for SD1.5.
 - ``experiment``: all of it through the pack's tools: recognizer -> scenes -> ``train prepare`` ->
   ``train fit`` on ``--base`` -> ``train export`` -> ``bench/synthetic.py`` (see :mod:`.experiment`).
 """
@@ -40,18 +41,34 @@ def _scenes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment
+def _base(args: argparse.Namespace) -> int:
+    from ..train.host import import_comfy
+    from .base import BaseConfig, build_world_base
 
-    path = run_experiment(args.out, args.base, scenes=args.scenes, size=args.size, steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, ns=args.ns, bench_scenes=args.bench_scenes,
-                          sample_steps=args.sample_steps, identities=args.identities, seed=args.seed,
-                          comfyui=args.comfyui, force=args.force)
+    import_comfy(args.comfyui)
+    cfg = BaseConfig(size=args.size, identities=args.identities, seed=args.seed, vae_steps=args.vae_steps,
+                     unet_steps=args.unet_steps, unet_scenes=args.unet_scenes, threads=args.threads)
+    print(json.dumps({"checkpoint": str(build_world_base(args.out, cfg))}))
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiment import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(base=args.base, scenes=args.scenes, size=args.size, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, ns=args.ns, bench_scenes=args.bench_scenes,
+                           sample_steps=args.sample_steps, identities=args.identities, seed=args.seed,
+                           base_vae_steps=args.base_vae_steps, base_unet_steps=args.base_unet_steps,
+                           recognizer_steps=args.recognizer_steps, unmasked_baseline=not args.no_unmasked)
+    path = run_experiment(args.out, cfg, comfyui=args.comfyui, force=args.force)
     print(f"results: {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .base import BaseConfig as BaseDefaults
+    from .experiment import ExperimentConfig as ExperimentDefaults
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m instantfamily_nodes.synthetic", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,20 +91,37 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--identities", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_scenes)
-    e = sub.add_parser("experiment", help="recognizer -> scenes -> train prepare -> fit -> export -> bench")
+    b = sub.add_parser("base", help="train the world's base model (VAE + UNet: the stand-in for SD1.5)")
+    b.add_argument("--out", required=True, help="models root: the checkpoint goes to OUT/checkpoints/")
+    b.add_argument("--size", type=int, default=128)
+    b.add_argument("--identities", type=int, default=24)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--vae-steps", type=int, default=BaseDefaults.vae_steps)
+    b.add_argument("--unet-steps", type=int, default=BaseDefaults.unet_steps)
+    b.add_argument("--unet-scenes", type=int, default=3000, help="scenes in the UNet's latent pool")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    b.add_argument("--comfyui", default=None)
+    b.set_defaults(func=_base)
+    d = ExperimentDefaults()
+    e = sub.add_parser("experiment", help="base -> recognizer -> scenes -> prepare -> fit (masked, unmasked) -> "
+                                          "export -> bench")
     e.add_argument("--out", required=True, help="experiment folder (rerun to resume; --force to redo)")
-    e.add_argument("--base", required=True,
-                   help="SD1.5-shaped base checkpoint that draws the world, or 'tiny' (random: plumbing only)")
-    e.add_argument("--scenes", type=int, default=2000)
-    e.add_argument("--size", type=int, default=128)
-    e.add_argument("--steps", type=int, default=500, help="train fit steps")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--lr", type=float, default=1e-4, help="projection and ControlNet learning rate")
-    e.add_argument("--ns", default="1,2,3,4,7")
-    e.add_argument("--bench-scenes", type=int, default=8)
-    e.add_argument("--sample-steps", type=int, default=20)
-    e.add_argument("--identities", type=int, default=24)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--base", default=d.base, help="'world' (train the world's base here, default), 'tiny' (random "
+                                                  "tiny set: plumbing only) or an SD1.5-shaped checkpoint")
+    e.add_argument("--scenes", type=int, default=d.scenes)
+    e.add_argument("--size", type=int, default=d.size)
+    e.add_argument("--steps", type=int, default=d.steps, help="train fit steps per model")
+    e.add_argument("--batch-size", type=int, default=d.batch_size)
+    e.add_argument("--lr", type=float, default=d.lr, help="projection and ControlNet learning rate")
+    e.add_argument("--ns", default=d.ns)
+    e.add_argument("--bench-scenes", type=int, default=d.bench_scenes)
+    e.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    e.add_argument("--identities", type=int, default=d.identities)
+    e.add_argument("--seed", type=int, default=d.seed)
+    e.add_argument("--base-vae-steps", type=int, default=d.base_vae_steps)
+    e.add_argument("--base-unet-steps", type=int, default=d.base_unet_steps)
+    e.add_argument("--recognizer-steps", type=int, default=d.recognizer_steps)
+    e.add_argument("--no-unmasked", action="store_true", help="skip the model trained without masks")
     e.add_argument("--comfyui", default=None)
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_experiment)

@@ -1,17 +1,21 @@
 """The synthetic-world experiment as one command, through the pack's own tools end to end:
 
-1. the world's recognizer pack (trained once; ``<out>/models``);
-2. world scenes (1-4 people) as a ``train prepare`` input folder, then ``train prepare`` with that pack;
-3. ``train fit`` on a given SD1.5-shaped base checkpoint (ControlNet from the base, ID projection, base
-   frozen, N = 4 slots in random order, masked attention in UNet and ControlNet), then ``train export``;
-4. ``bench/synthetic.py`` on the exported files: identity accuracy by position, masked vs unmasked.
+1. the world's base model (:mod:`.base`: VAE + UNet trained on world scenes, the stand-in for SD1.5;
+   ``<out>/base``), unless ``--base`` names another SD1.5-shaped checkpoint;
+2. the world's recognizer pack (``<out>/models``);
+3. world scenes (1-4 people) as a ``train prepare`` input folder, then ``train prepare`` with that pack,
+   caching the base's VAE latents and CLIP encodings;
+4. ``train fit`` twice on the base (ControlNet from the base, ID projection, base frozen, N = 4 slots in
+   random order): with masked attention in UNet and ControlNet (the method) and with every ID visible
+   everywhere (``mask_ids=false``: the unmasked-stacking baseline); ``train export`` for both;
+5. ``bench/synthetic.py`` on the exported files: identity accuracy by position for the masked model, the
+   same model with its masks off, and the model trained unmasked.
 
-The base model must be one that can draw the world (a base trained on world scenes); none is built by
-the pack yet. With ``--base tiny`` the demo's tiny *random* SD1.5-shaped set is used: every step runs,
+With ``--base tiny`` the demo's tiny *random* SD1.5-shaped set is used instead of step 1: every step runs,
 the numbers are chance, and the results say ``untrained base``.
 
 Each step is an ordinary subprocess (the same commands a user types); finished steps are skipped on a
-rerun (``--force`` redoes them).
+rerun (``--force`` redoes them). Seconds per step go into the results.
 """
 from __future__ import annotations
 
@@ -20,9 +24,32 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ExperimentConfig:
+    base: str = "world"              # "world" (trained here), "tiny" (random: plumbing) or a checkpoint path
+    scenes: int = 2000               # training scenes for `train prepare`
+    size: int = 128
+    steps: int = 1000                # `train fit` steps, per model
+    batch_size: int = 16
+    lr: float = 3e-4                 # projection and ControlNet
+    ns: str = "1,2,3,4,7"
+    bench_scenes: int = 8            # per N
+    sample_steps: int = 20
+    identities: int = 24
+    seed: int = 0
+    base_vae_steps: int = 1500
+    base_unet_steps: int = 1500
+    recognizer_steps: int = 600
+    recognizer_train_size: int = 12000
+    base_unet_scenes: int = 3000
+    unmasked_baseline: bool = True   # also train the mask_ids=false model
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
@@ -30,70 +57,114 @@ def _run(cmd: list[str], env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def run_experiment(out: str | os.PathLike, base: str, scenes: int = 2000, size: int = 128, steps: int = 500,
-                   batch_size: int = 4, lr: float = 1e-4, ns: str = "1,2,3,4,7", bench_scenes: int = 8,
-                   sample_steps: int = 20, identities: int = 24, seed: int = 0, comfyui: str | None = None,
+class _Clock:
+    """Seconds per finished step (skipped steps are not listed)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, needed: bool, fn) -> None:
+        if not needed:
+            return
+        t0 = time.time()
+        fn()
+        self.seconds[name] = round(time.time() - t0, 1)
+
+
+def _tiny_base(out: Path, comfyui: str | None, py: str) -> str:
+    from ..comfy_path import find_comfyui
+
+    cpath = str(find_comfyui(comfyui))
+    code = ("import sys; sys.path.insert(0, %r); import comfy.cli_args; comfy.cli_args.args.cpu = True; "
+            "from instantfamily_nodes.demo.tiny import build_tiny_models; m = build_tiny_models(%r); "
+            "print(m.root / 'checkpoints' / m.checkpoint)") % (cpath, str(out / "tiny_models"))
+    return subprocess.run([py, "-c", code], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+
+
+def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards: Path, run: Path, weights: Path,
+                    controlnet: Path, force: bool, extra: dict | None = None) -> None:
+    if force:
+        shutil.rmtree(run, ignore_errors=True)
+    sets = {"data": shards, "out": run, "checkpoint": base, "resolution": cfg.size, "n_ids": 4,
+            "batch_size": cfg.batch_size, "steps": cfg.steps, "lr_projection": cfg.lr, "lr_controlnet": cfg.lr,
+            "lr_warmup": min(100, cfg.steps // 10), "num_workers": 0, "validate_every": 0,
+            "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed, **(extra or {})}
+    cmd = [py, "-m", "instantfamily_nodes.train", "fit", "--no-progress", "--device", "cpu"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]
+    if (run / "checkpoints").is_dir():
+        cmd.append("--resume")
+    _run(cmd, env)
+    _run([py, "-m", "instantfamily_nodes.train", "export", "--checkpoint-dir", str(run / "checkpoints"),
+          "--out-weights", str(weights), "--out-controlnet", str(controlnet)], env)
+
+
+def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str | None = None,
                    force: bool = False) -> Path:
     """Run (or resume) the experiment in ``out``; returns the bench results JSON."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    untrained = base == "tiny"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2))}
+    comfy_args = ["--comfyui", comfyui] if comfyui else []
+    clock = _Clock()
+    untrained = cfg.base == "tiny"
     if untrained:
-        from ..demo.headless import find_comfyui
+        base = _tiny_base(out, comfyui, py)
+    elif cfg.base == "world":
+        from .base import WORLD_CHECKPOINT
 
-        cpath = str(find_comfyui(comfyui))
-        code = ("import sys; sys.path.insert(0, %r); import comfy.cli_args; comfy.cli_args.args.cpu = True; "
-                "from instantfamily_nodes.demo.tiny import build_tiny_models; m = build_tiny_models(%r); "
-                "print(m.root / 'checkpoints' / m.checkpoint)") % (cpath, str(out / "tiny_models"))
-        base = subprocess.run([py, "-c", code], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        base = str(out / "base" / "checkpoints" / WORLD_CHECKPOINT)
+        clock.run("base", force or not Path(base).is_file(), lambda: _run(
+            [py, "-m", "instantfamily_nodes.synthetic", "base", "--out", str(out / "base"), "--size", str(cfg.size),
+             "--identities", str(cfg.identities), "--seed", str(cfg.seed), "--vae-steps", str(cfg.base_vae_steps),
+             "--unet-steps", str(cfg.base_unet_steps), "--unet-scenes", str(cfg.base_unet_scenes)] + comfy_args, env))
+    else:
+        base = str(Path(cfg.base).resolve())
     models = out / "models"
     pack = models / "models" / "synthetic_world"
-    if force or not (pack / "world.safetensors").is_file():
-        _run([py, "-m", "instantfamily_nodes.synthetic", "recognizer", "--out", str(models),
-              "--identities", str(identities), "--seed", str(seed)], env)
-    if force or not (out / "scenes").is_dir():
-        _run([py, "-m", "instantfamily_nodes.synthetic", "scenes", "--out", str(out / "scenes"), "--count",
-              str(scenes), "--size", str(size), "--people", "1,2,3,4", "--identities", str(identities),
-              "--seed", str(seed)], env)
+    clock.run("recognizer", force or not (pack / "world.safetensors").is_file(), lambda: _run(
+        [py, "-m", "instantfamily_nodes.synthetic", "recognizer", "--out", str(models), "--identities",
+         str(cfg.identities), "--seed", str(cfg.seed), "--steps", str(cfg.recognizer_steps), "--train-size",
+         str(cfg.recognizer_train_size), "--test-size", str(min(2000, cfg.recognizer_train_size // 4))], env))
+    clock.run("scenes", force or not (out / "scenes").is_dir(), lambda: _run(
+        [py, "-m", "instantfamily_nodes.synthetic", "scenes", "--out", str(out / "scenes"), "--count",
+         str(cfg.scenes), "--size", str(cfg.size), "--people", "1,2,3,4", "--identities", str(cfg.identities),
+         "--seed", str(cfg.seed)], env))
     shards = out / "shards"
-    if force or not (shards / "manifest.json").is_file():
-        _run([py, "-m", "instantfamily_nodes.train", "prepare", "--input", str(out / "scenes"), "--out", str(shards),
-              "--resolution", str(size), "--min-size", str(min(size, 64)), "--face-encoder",
-              "insightface/synthetic_world", "--models-root", str(models), "--image-format", "png",
-              "--workers", "1", "--no-progress"] + (["--overwrite"] if force else []), env)
-    run = out / "run"
+    clock.run("prepare", force or not (shards / "manifest.json").is_file(), lambda: _run(
+        [py, "-m", "instantfamily_nodes.train", "prepare", "--input", str(out / "scenes"), "--out", str(shards),
+         "--resolution", str(cfg.size), "--min-size", str(min(cfg.size, 64)), "--face-encoder",
+         "insightface/synthetic_world", "--models-root", str(models), "--image-format", "png",
+         "--checkpoint", base, "--cache-latents", "--cache-text", "--workers", "1", "--no-progress"]
+        + comfy_args + (["--overwrite"] if force else []), env))
     weights, controlnet = out / "world.safetensors", out / "world_openpose.safetensors"
-    if force or not weights.is_file():
-        if force:
-            shutil.rmtree(run, ignore_errors=True)
-        sets = {"data": shards, "out": run, "checkpoint": base, "resolution": size, "n_ids": 4,
-                "batch_size": batch_size, "steps": steps, "lr_projection": lr, "lr_controlnet": lr,
-                "num_workers": 0, "validate_every": 0, "checkpoint_every": max(1, steps), "seed": seed}
-        cmd = [py, "-m", "instantfamily_nodes.train", "fit", "--no-progress", "--device", "cpu"]
-        for k, v in sets.items():
-            cmd += ["--set", f"{k}={v}"]
-        if (run / "checkpoints").is_dir():
-            cmd.append("--resume")
-        _run(cmd, env)
-        _run([py, "-m", "instantfamily_nodes.train", "export", "--checkpoint-dir", str(run / "checkpoints"),
-              "--out-weights", str(weights), "--out-controlnet", str(controlnet)], env)
+    clock.run("fit_masked", force or not weights.is_file(), lambda: _fit_and_export(
+        py, env, cfg, base, shards, out / "run", weights, controlnet, force))
+    bench_extra: list[str] = []
+    if cfg.unmasked_baseline:
+        w_u, c_u = out / "world_unmasked.safetensors", out / "world_unmasked_openpose.safetensors"
+        clock.run("fit_unmasked", force or not w_u.is_file(), lambda: _fit_and_export(
+            py, env, cfg, base, shards, out / "run_unmasked", w_u, c_u, force, {"mask_ids": False}))
+        bench_extra = ["--weights-unmasked", str(w_u), "--controlnet-unmasked", str(c_u)]
     bench_cache = out / "bench"
     dst = bench_cache / "bench_models" / "insightface" / "models" / "synthetic_world"
-    if not dst.is_dir():
+    if force or not dst.is_dir():
+        shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(pack, dst)
     results = out / ("synthetic-untrained-base.json" if untrained else "synthetic.json")
     cmd = [py, str(PACK_ROOT / "bench" / "synthetic.py"), "--checkpoint", base, "--weights", str(weights),
-           "--controlnet", str(controlnet), "--ns", ns, "--scenes", str(bench_scenes), "--size", str(size),
-           "--steps", str(sample_steps), "--identities", str(identities), "--seed", str(seed),
-           "--cache", str(bench_cache), "--out", str(results)]
-    if comfyui:
-        cmd += ["--comfyui", comfyui]
-    _run(cmd, env)
+           "--controlnet", str(controlnet), "--ns", cfg.ns, "--scenes", str(cfg.bench_scenes), "--size",
+           str(cfg.size), "--steps", str(cfg.sample_steps), "--identities", str(cfg.identities), "--seed",
+           str(cfg.seed), "--cache", str(bench_cache), "--out", str(results)] + bench_extra + comfy_args
+    clock.run("bench", True, lambda: _run(cmd, env))
     data = json.loads(results.read_text())
     data["untrained_base"] = untrained
-    data["experiment"] = {"base": base, "scenes": scenes, "size": size, "fit_steps": steps, "batch_size": batch_size,
-                          "lr": lr}
+    data["experiment"] = {**asdict(cfg), "base_checkpoint": base, "seconds": clock.seconds,
+                          "seconds_total": round(sum(clock.seconds.values()), 1)}
+    base_json = out / "base" / "world_base.json"
+    if cfg.base == "world" and base_json.is_file():
+        meta = json.loads(base_json.read_text())
+        data["base"] = {k: v for k, v in meta.items() if k != "unet_losses"}
     results.write_text(json.dumps(data, indent=2) + "\n")
     return results

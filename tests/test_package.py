@@ -11,8 +11,10 @@ from conftest import PACK_ROOT
 
 CORE = ["attention", "models", "pose", "palette.py", "train", "evaluate", "synthetic", "comfy_path.py"]
 HOST = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "node_helpers", "execution", "server"}
-# The trainer uses ComfyUI's model code (comfy.*) as a library, never its nodes, server or node API.
+# The trainers use ComfyUI's model code (comfy.*) as a library, never its nodes, server or node API:
+# the pack's trainer and the synthetic world's base-model trainer (the world's stand-in for SD1.5).
 TRAINER_MAY_IMPORT = {"comfy"}
+TRAINERS = ("train/", "synthetic/base.py")
 
 
 def test_core_imports_without_comfyui(tmp_path):
@@ -38,7 +40,8 @@ def test_core_sources_never_import_comfy():
                     names = [node.module]
                 if isinstance(node, ast.ImportFrom) and node.level and (node.module or "").split(".")[0] == "nodes":
                     names = ["instantfamily_nodes.nodes"]      # the pack's own ComfyUI glue
-                allowed = TRAINER_MAY_IMPORT if entry == "train" else set()
+                rel = f.relative_to(PACK_ROOT).as_posix()
+                allowed = TRAINER_MAY_IMPORT if rel.startswith(TRAINERS) else set()
                 for name in names:
                     top = name.split(".")[0]
                     if (top in HOST and top not in allowed) or name.startswith("instantfamily_nodes.nodes"):

@@ -163,9 +163,9 @@ def make_batch(samples: Sequence[Sample], cfg, rng: np.random.Generator) -> Batc
         images.append(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0)
         if cached_latent:
             lat = torch.from_numpy(np.asarray(s.latent, np.float32))
-            if tuple(lat.shape) != (4, res // 8, res // 8):
+            if lat.ndim != 3 or tuple(lat.shape[1:]) != (res // 8, res // 8):
                 raise ShardError(f"sample {s.key!r}: cached latent {tuple(lat.shape)} does not fit resolution {res} "
-                                 f"(expected (4, {res // 8}, {res // 8})); re-run prepare at this resolution")
+                                 f"(expected (C, {res // 8}, {res // 8})); re-run prepare at this resolution")
             latents.append(lat)
         if cached_text:
             texts.append(torch.from_numpy(np.asarray(s.text_embedding, np.float32)))

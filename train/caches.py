@@ -65,7 +65,7 @@ class Encoders:
         self.path, self.vae, self.clip = path, vae if latents else None, clip if text else None
 
     def latents(self, images: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 RGB -> (B, 4, H/8, W/8) float32."""
+        """(B, H, W, 3) uint8 RGB -> (B, C, H/8, W/8) float32 (C = 4 for SD1.5)."""
         import torch
 
         pixels = torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0

@@ -42,6 +42,8 @@ class TrainConfig:
     id_dropout: float = 0.05            # ... and of the ID tokens (projection's null tokens)
     attention_mode: str = "hard"
     mask_margin: float = 0.25           # face box + 25 % (sec. 4.2)
+    mask_ids: bool = True               # false: every ID's tokens visible everywhere (the unmasked-stacking
+                                        # baseline of the paper's ablation, for comparisons only)
     # --- optimisation
     lr_projection: float = 1e-5
     lr_controlnet: float = 1e-5

@@ -405,6 +405,8 @@ class TrainModel(nn.Module):
         # On the model's device: the per-layer mask resizing then runs there too (4 grids a step).
         strength = batch.id_present.to(self.device, torch.float32)
         masks = batch.masks.to(self.device, torch.float32)
+        if not getattr(self.cfg, "mask_ids", True):
+            masks = torch.ones_like(masks)   # the unmasked baseline: every ID everywhere
         return IdentityBinding(layout, IDMasks(masks, strength), mode=self.cfg.attention_mode)
 
     # ------------------------------------------------------------ the networks
@@ -461,7 +463,7 @@ class TrainModel(nn.Module):
             raise ValueError(f"steps must be >= 1, got {steps}")
         b = batch.size
         res = batch.control.shape[-1]
-        shape = (b, 4, res // 8, res // 8)
+        shape = (b, self.latent_format.latent_channels, res // 8, res // 8)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
         no_drop = torch.zeros(b, dtype=torch.bool)

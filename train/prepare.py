@@ -484,7 +484,7 @@ def _header(result: dict, cfg: Config, encoder_name: str, caches) -> dict:
         "L": int(local.shape[1]) if local is not None else 0, "d_lf": int(local.shape[3]) if local is not None else 0,
         "resolution": cfg.resolution, "has_latents": bool(caches and caches.vae is not None),
         "has_text_embeddings": bool(caches and caches.clip is not None),
-        "latent_channels": 4 if caches and caches.vae is not None else None,
+        "latent_channels": int(caches.vae.latent_channels) if caches and caches.vae is not None else None,
         "d_k": 768 if caches and caches.clip is not None else None,
     }
 

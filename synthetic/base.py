@@ -1,0 +1,349 @@
+"""The world's base model: the stand-in for SD1.5 that the InstantFamily recipe is trained on.
+
+SD1.5 is a text-to-image model that can draw people but knows nobody; the world base is the same for the
+synthetic world. It is the pack's tiny SD1.5-shaped set (:mod:`..demo.tiny`: SD1.5's UNet layout with 16
+cross-attention layers and context width 768, the tiny CLIP, a TAESD VAE) with two changes:
+
+- **VAE**: ComfyUI's TAESD with :data:`~..demo.tiny.WORLD_LATENT_CHANNELS` (16) latent channels, trained on
+  crops of world scenes (8x down-scaling like SD1.5). With SD1.5's 4 channels a 16 px face at 8x would be
+  2 x 2.5 latent pixels of 4 numbers: too few to carry an identity; 16 channels carry it. Its
+  ``vae_scale`` / ``vae_shift`` are set so that latents are zero-mean, unit-variance (latent scale 1).
+- **UNet**: trained from scratch (eps-prediction, SD1.5's noise schedule) on world scenes of 1-7 people
+  with their captions through the tiny CLIP (random, frozen: it only has to tell captions apart), caption
+  dropout for classifier-free guidance. It learns to draw scenes, bodies and faces, but no particular
+  identity: which face appears where is left to chance, exactly the gap InstantFamily fills.
+
+Both are trained with ComfyUI's own classes loaded through ComfyUI's own checkpoint loader, and written as
+one SD1.5-layout checkpoint (``checkpoints/instantfamily_world_sd15.safetensors``, fp16) that ComfyUI, the
+trainer and the nodes load like any SD1.5 file once :func:`..demo.tiny.register_tiny_model_type` ran.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .world import World
+
+logger = logging.getLogger(__name__)
+
+WORLD_CHECKPOINT = "instantfamily_world_sd15.safetensors"
+FORMAT_TAG = "instantfamily-world-base-v1"
+
+
+@dataclass
+class BaseConfig:
+    size: int = 128                 # scene side in pixels (latents are size / 8)
+    identities: int = 24
+    seed: int = 0
+    people: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_crop: int = 32              # the VAE is convolutional: crops train it at a 16th of a scene's cost
+    vae_lr: float = 1e-3
+    vae_scenes: int = 400           # scenes the crops are cut from
+    unet_steps: int = 1500
+    unet_batch: int = 16
+    unet_lr: float = 5e-4
+    unet_warmup: int = 100
+    unet_scenes: int = 3000         # latent pool the UNet trains on
+    text_dropout: float = 0.1
+    threads: int = 0                # 0 = torch's default
+
+
+def _scene_pool(world: World, count: int, cfg: BaseConfig, start: int) -> list:
+    return world.scenes(count, (cfg.size, cfg.size), "train", start=start, people=cfg.people)
+
+
+def _warmup_constant_cosine(steps: int, warmup: int, decay: float = 0.3) -> Callable[[int], float]:
+    """LR factor: linear warm-up, constant, then a cosine to a tenth over the last ``decay`` of the steps.
+    (A short run spends most steps at full rate; one-cycle schedules were slower on the world.)"""
+    start = int(steps * (1 - decay))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < start:
+            return 1.0
+        p = (step - start) / max(1, steps - start)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    return factor
+
+
+# ---------------------------------------------------------------- VAE
+
+def _face_biased_crops(images: np.ndarray, boxes: list[np.ndarray], crop: int, count: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """(count, crop, crop, 3) uint8: half the crops cover a face (faces are what must survive the VAE)."""
+    n, h, w, _ = images.shape
+    out = np.empty((count, crop, crop, 3), np.uint8)
+    for i in range(count):
+        k = int(rng.integers(n))
+        if rng.random() < 0.5 and len(boxes[k]):
+            x0, y0, x1, y1 = boxes[k][int(rng.integers(len(boxes[k])))]
+            cx = (x0 + x1) / 2 + rng.uniform(-0.4, 0.4) * crop
+            cy = (y0 + y1) / 2 + rng.uniform(-0.4, 0.4) * crop
+            x, y = int(np.clip(cx - crop / 2, 0, w - crop)), int(np.clip(cy - crop / 2, 0, h - crop))
+        else:
+            x, y = int(rng.integers(0, w - crop + 1)), int(rng.integers(0, h - crop + 1))
+        # crops on the 8-px latent grid, as the VAE sees scenes
+        x, y = x // 8 * 8, y // 8 * 8
+        out[i] = images[k, y:y + crop, x:x + crop]
+    return out
+
+
+def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger.info) -> tuple[torch.nn.Module, dict]:
+    """ComfyUI's TAESD (16 latent channels) trained as an autoencoder on world crops; returns it with
+    ``vae_scale`` / ``vae_shift`` set for unit-variance latents, and its held-out reconstruction numbers."""
+    import comfy.taesd.taesd
+
+    from ..demo.tiny import WORLD_LATENT_CHANNELS, init_weights
+
+    torch.manual_seed(cfg.seed)
+    vae = init_weights(comfy.taesd.taesd.TAESD(latent_channels=WORLD_LATENT_CHANNELS), cfg.seed + 3)
+    scenes = _scene_pool(world, cfg.vae_scenes, cfg, start=1_000_000)
+    images = np.stack([s.image for s in scenes])
+    boxes = [s.boxes for s in scenes]
+    rng = np.random.default_rng(cfg.seed)
+    params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant_cosine(cfg.vae_steps, warmup=50))
+    vae.train()
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        x = torch.from_numpy(_face_biased_crops(images, boxes, cfg.vae_crop, cfg.vae_batch, rng))
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        z = vae.taesd_encoder(x)
+        y = vae.taesd_decoder(z)
+        # L1 keeps the patterns' edges sharper than MSE; the small latent penalty keeps the scale in check
+        loss = F.l1_loss(y, x) + 1e-4 * z.pow(2).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"world VAE: loss is {loss.item()} at step {step + 1}; lower vae_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"world VAE step {step + 1}/{cfg.vae_steps} L1 {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    held = _scene_pool(world, 32, cfg, start=2_000_000)
+    x = torch.from_numpy(np.stack([s.image for s in held])).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        raw = vae.taesd_encoder(x)
+        y = vae.taesd_decoder(raw).clamp(0, 1)
+        mean, std = float(raw.mean()), float(raw.std())
+        # ComfyUI: encode = raw / vae_scale + vae_shift, decode(z) = decoder((z - vae_shift) * vae_scale)
+        vae.vae_scale.fill_(std)
+        vae.vae_shift.fill_(-mean / std)
+    mse = float((y - x).pow(2).mean())
+    face_mse = float(np.mean([((y[i, :, y0:y1, x0:x1] - x[i, :, y0:y1, x0:x1]) ** 2).mean().item()
+                              for i, s in enumerate(held) for x0, y0, x1, y1 in s.boxes.astype(int)]))
+    stats = {"psnr": round(-10 * math.log10(max(mse, 1e-10)), 2),
+             "face_psnr": round(-10 * math.log10(max(face_mse, 1e-10)), 2),
+             "raw_mean": mean, "raw_std": std, "seconds": round(time.time() - t0, 1)}
+    log(f"world VAE held-out PSNR {stats['psnr']} dB (faces {stats['face_psnr']} dB)")
+    return vae, stats
+
+
+# ---------------------------------------------------------------- UNet
+
+def _alphas_cumprod(model) -> torch.Tensor:
+    sigmas = model.get_model_object("model_sampling").sigmas.detach().to(torch.float64).cpu()
+    return (1.0 / (1.0 + sigmas ** 2)).to(torch.float32)
+
+
+def _encode_captions(clip, captions: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for c in sorted(set(captions)):
+            out[c] = clip.encode_from_tokens(clip.tokenize(c)).float().cpu()[0]
+    return out
+
+
+def encode_scenes(vae, images: np.ndarray, batch: int = 32) -> torch.Tensor:
+    """(B, 16, H/8, W/8) latents of uint8 (B, H, W, 3) scenes through ComfyUI's VAE wrapper (what the
+    trainer's latent cache and VAE Encode give)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            px = torch.from_numpy(images[i:i + batch]).float() / 255.0
+            out.append(vae.encode(px).float().cpu())
+    return torch.cat(out)
+
+
+def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
+               log: Callable[[str], None] = logger.info) -> dict:
+    """eps-prediction training of ``model``'s UNet in place on world scene latents; returns the loss log."""
+    unet = model.model.diffusion_model
+    latent_format = model.model.latent_format
+    scenes = _scene_pool(world, cfg.unet_scenes, cfg, start=0)
+    t0 = time.time()
+    z0_all = latent_format.process_in(encode_scenes(vae, np.stack([s.image for s in scenes])))
+    captions = [s.caption for s in scenes]
+    text = _encode_captions(clip, captions + [""])
+    ctx_all = torch.stack([text[c] for c in captions])
+    empty = text[""]
+    log(f"world UNet: {len(scenes)} scenes encoded in {time.time() - t0:.0f} s, latents {tuple(z0_all.shape[1:])}, "
+        f"std {float(z0_all.std()):.3f}")
+    ac = _alphas_cumprod(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unet.train().requires_grad_(True)
+    params = [p for p in unet.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant_cosine(cfg.unet_steps, cfg.unet_warmup))
+    losses, t0 = [], time.time()
+    for step in range(cfg.unet_steps):
+        idx = torch.randint(0, len(z0_all), (cfg.unet_batch,), generator=gen)
+        z0 = z0_all[idx]
+        ctx = ctx_all[idx].clone()
+        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.text_dropout
+        ctx[drop] = empty
+        t = torch.randint(0, len(ac), (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        eps = unet(z_t, timesteps=t.float(), context=ctx)
+        loss = F.mse_loss(eps, noise)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"world UNet: loss is {loss.item()} at step {step + 1}; lower unet_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == cfg.unet_steps - 1:
+            recent = float(np.mean(losses[-100:]))
+            log(f"world UNet step {step + 1}/{cfg.unet_steps} loss {recent:.4f} ({time.time() - t0:.0f} s)")
+    unet.eval().requires_grad_(False)
+    return {"loss_first100": float(np.mean(losses[:100])), "loss_last100": float(np.mean(losses[-100:])),
+            "seconds": round(time.time() - t0, 1), "losses": [round(v, 5) for v in losses]}
+
+
+@torch.no_grad()
+def sample_base(model, clip, vae, captions: list[str], size: int, steps: int = 20, cfg_scale: float = 4.0,
+                seed: int = 0) -> np.ndarray:
+    """(B, H, W, 3) uint8 pictures from the base alone (deterministic DDIM, classifier-free guidance)."""
+    unet = model.model.diffusion_model
+    lf = model.model.latent_format
+    ac = _alphas_cumprod(model)
+    text = _encode_captions(clip, captions + [""])
+    cond = torch.stack([text[c] for c in captions])
+    uncond = text[""].expand_as(cond)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(captions), lf.latent_channels, size // 8, size // 8), generator=gen)
+    ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
+    for i, t in enumerate(ts):
+        eps = unet(torch.cat([x, x]), timesteps=t.float().repeat(2 * len(x)), context=torch.cat([cond, uncond]))
+        e_c, e_u = eps.chunk(2)
+        e = e_u + cfg_scale * (e_c - e_u)
+        a = ac[t]
+        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    img = vae.decode(lf.process_out(x)).clamp(0, 1)     # ComfyUI's VAE: (B, H, W, 3)
+    return (img.float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------- the checkpoint
+
+def _checkpoint_dict(unet_sd: dict, clip_sd: dict, vae_sd: dict) -> dict[str, torch.Tensor]:
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items()})
+    sd.update({f"first_stage_model.{k}": v for k, v in vae_sd.items()})
+    return sd
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)   # atomic: a reader never sees half a file
+
+
+def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
+                     log: Callable[[str], None] = logger.info) -> Path:
+    """Train the VAE, then the UNet, and write ``<root>/checkpoints/instantfamily_world_sd15.safetensors``
+    (with ``world_base.json``: config and measurements, and ``world_base_samples.png``). Returns its path.
+    Needs ComfyUI importable (``train.host.import_comfy``)."""
+    import comfy.sd
+
+    from ..demo.tiny import (WORLD_LATENT_CHANNELS, UNET_CONFIG, UNET_EXTRA, clip_state_dict, init_weights,
+                             register_tiny_model_type)
+
+    cfg = cfg or BaseConfig()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    register_tiny_model_type()
+    root = Path(root).resolve()
+    path = root / "checkpoints" / WORLD_CHECKPOINT
+    world = World(cfg.identities, cfg.seed)
+    t_start = time.time()
+    vae_module, vae_stats = train_vae(world, cfg, log)
+
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+
+    unet_cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS)
+    unet0 = init_weights(UNetModel(**unet_cfg, **UNET_EXTRA, operations=comfy.ops.disable_weight_init,
+                                   device="cpu", dtype=torch.float32), cfg.seed)
+    clip_sd = clip_state_dict(cfg.seed + 2)
+    # Through ComfyUI's own loader: the latents and caption encodings the UNet trains on are exactly
+    # what the trainer and the nodes will compute from the written file.
+    start = _checkpoint_dict(unet0.state_dict(), clip_sd, vae_module.state_dict())
+    del unet0
+    staging = root / "checkpoints" / (WORLD_CHECKPOINT + ".staging.safetensors")
+    _save(start, staging, {"instantfamily_tiny": FORMAT_TAG, "what": "world base (untrained UNet)"})
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(staging), output_vae=True, output_clip=True, model_options={"dtype": torch.float32})
+    staging.unlink()
+    if model.model.latent_format.latent_channels != WORLD_LATENT_CHANNELS:
+        raise RuntimeError("world base: ComfyUI did not pick the world model type; register_tiny_model_type failed")
+    unet_stats = train_unet(model, clip, vae, world, cfg, log)
+
+    samples = sample_base(model, clip, vae, [s.caption for s in _scene_pool(world, 8, cfg, start=3_000_000)],
+                          cfg.size, seed=cfg.seed)
+    meta = {"config": asdict(cfg), "vae": vae_stats,
+            "unet": {k: v for k, v in unet_stats.items() if k != "losses"},
+            "seconds": round(time.time() - t_start, 1)}
+    unet_sd = model.model.diffusion_model.state_dict()
+    _save(_checkpoint_dict(unet_sd, clip_sd, vae_module.state_dict()), path,
+          {"instantfamily_tiny": FORMAT_TAG, "what": "synthetic world base", "world_base": json.dumps(meta)})
+    (root / "world_base.json").write_text(json.dumps({**meta, "unet_losses": unet_stats["losses"]}) + "\n")
+    _write_samples(samples, unet_stats["losses"], root / "world_base_samples.png")
+    log(f"world base written: {path} ({meta['seconds']:.0f} s)")
+    return path
+
+
+def _write_samples(samples: np.ndarray, losses: list[float], path: Path) -> None:
+    """Base samples in a row above the UNet's loss curve (smoothed), one PNG."""
+    import cv2
+
+    row = np.concatenate(list(samples), axis=1)
+    h, w = 120, row.shape[1]
+    plot = np.full((h, w, 3), 255, np.uint8)
+    if len(losses) > 1:
+        k = max(1, len(losses) // 50)
+        sm = np.convolve(losses, np.ones(k) / k, mode="valid")
+        lo, hi = float(sm.min()), float(sm.max())
+        xs = np.linspace(10, w - 10, len(sm))
+        ys = 10 + (hi - sm) / max(hi - lo, 1e-8) * (h - 30)
+        pts = np.stack([xs, ys], 1).round().astype(np.int32)
+        cv2.polylines(plot, [pts], False, (40, 90, 200), 1, cv2.LINE_AA)
+        cv2.putText(plot, f"UNet loss {sm[0]:.3f} -> {sm[-1]:.3f} over {len(losses)} steps", (10, h - 6),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate([row, plot]), cv2.COLOR_RGB2BGR))
