@@ -2,9 +2,10 @@
 
 With the user's models present (an SD1.5 checkpoint, an OpenPose ControlNet, and, for workflows that use
 them, InstantFamily weights and antelopev2, all found through ComfyUI's folder_paths) it uses them. With any
-missing it builds the tiny SD1.5-shaped set (``demo/tiny.py``) in a cache folder and says plainly that the
-picture comes from untrained tiny models. Writes the image, the pack's pose/mask preview and an overlay of
-the two into ``--out``.
+missing, and the model trained on the synthetic world cached (``demo/world.py``), it shows that model
+placing four world people. Otherwise it builds the tiny SD1.5-shaped set (``demo/tiny.py``) in a cache
+folder and says plainly that the picture comes from untrained tiny models. Writes the image, the pack's
+pose/mask preview and an overlay of the two into ``--out``.
 """
 from __future__ import annotations
 
@@ -203,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print("\n".join(workflows.list_workflows()))
         return 0
+    if a.world:
+        absent = world_demo.WorldFiles(Path(a.world)).missing()
+        if absent:   # before ComfyUI is loaded: nothing to run
+            print(f"--world: {a.world} has no finished world model (missing {absent[0]}); train it once with:\n"
+                  f"  python -m instantfamily_nodes.synthetic experiment --out {a.world}", file=sys.stderr)
+            return 2
     name = a.workflow or next((w for w in DEFAULT_WORKFLOWS if w in workflows.list_workflows()),
                               (workflows.list_workflows() or [None])[0])
     if name is None:
@@ -247,10 +254,6 @@ def main(argv: list[str] | None = None) -> int:
                                                     steps=a.steps or 20)
                 print(f"Done in {time.perf_counter() - t0:.1f} s. Wrote:\n" + "\n".join(f"  {p}" for p in written))
                 return 0
-            if a.world:
-                print(f"--world: {files.root} has no finished world model (missing {absent[0]}); train it once "
-                      f"with:\n  python -m instantfamily_nodes.synthetic experiment --out {files.root}", file=sys.stderr)
-                return 2
             print("No model trained on the synthetic world either; for a picture from a trained model train it "
                   f"once (about an hour on 2 CPU cores):\n  {world_demo.TRAIN_COMMAND}")
         use_tiny = bool(missing)

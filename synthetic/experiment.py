@@ -15,12 +15,14 @@ With ``--base tiny`` the demo's tiny *random* SD1.5-shaped set is used instead o
 the numbers are chance, and the results say ``untrained base``.
 
 Each step is an ordinary subprocess (the same commands a user types); finished steps are skipped on a
-rerun (``--force`` redoes them). Seconds per step go into the results.
+rerun (``--force`` redoes them; a rerun with more ``--steps`` resumes both fits from their last
+checkpoint). Seconds per step go into the results.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,6 +101,12 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
           "--out-weights", str(weights), "--out-controlnet", str(controlnet)], env)
 
 
+def _trained_steps(run: Path) -> int:
+    """The step of the run's newest checkpoint (0 when none): a rerun with more ``--steps`` resumes."""
+    steps = [int(m.group(1)) for d in (run / "checkpoints").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", d.name))]
+    return max(steps, default=0)
+
+
 def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str | None = None,
                    force: bool = False) -> Path:
     """Run (or resume) the experiment in ``out``; returns the bench results JSON."""
@@ -139,12 +147,13 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
          "--checkpoint", base, "--cache-latents", "--cache-text", "--workers", "1", "--no-progress"]
         + comfy_args + (["--overwrite"] if force else []), env))
     weights, controlnet = out / "world.safetensors", out / "world_openpose.safetensors"
-    clock.run("fit_masked", force or not weights.is_file(), lambda: _fit_and_export(
+    clock.run("fit_masked", force or not weights.is_file() or _trained_steps(out / "run") < cfg.steps, lambda: _fit_and_export(
         py, env, cfg, base, shards, out / "run", weights, controlnet, force))
     bench_extra: list[str] = []
     if cfg.unmasked_baseline:
         w_u, c_u = out / "world_unmasked.safetensors", out / "world_unmasked_openpose.safetensors"
-        clock.run("fit_unmasked", force or not w_u.is_file(), lambda: _fit_and_export(
+        clock.run("fit_unmasked", force or not w_u.is_file() or _trained_steps(out / "run_unmasked") < cfg.steps,
+                  lambda: _fit_and_export(
             py, env, cfg, base, shards, out / "run_unmasked", w_u, c_u, force, {"mask_ids": False}))
         bench_extra = ["--weights-unmasked", str(w_u), "--controlnet-unmasked", str(c_u)]
     bench_cache = out / "bench"
@@ -157,11 +166,15 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
            "--controlnet", str(controlnet), "--ns", cfg.ns, "--scenes", str(cfg.bench_scenes), "--size",
            str(cfg.size), "--steps", str(cfg.sample_steps), "--identities", str(cfg.identities), "--seed",
            str(cfg.seed), "--cache", str(bench_cache), "--out", str(results)] + bench_extra + comfy_args
+    # a resumed experiment adds its steps' seconds to the earlier run's (the bench is redone, not added)
+    earlier = json.loads(results.read_text()).get("experiment", {}).get("seconds", {}) if results.is_file() else {}
     clock.run("bench", True, lambda: _run(cmd, env))
+    seconds = {k: round(earlier.get(k, 0.0) * (k != "bench") + clock.seconds.get(k, 0.0), 1)
+               for k in dict.fromkeys([*earlier, *clock.seconds])}
     data = json.loads(results.read_text())
     data["untrained_base"] = untrained
-    data["experiment"] = {**asdict(cfg), "base_checkpoint": base, "seconds": clock.seconds,
-                          "seconds_total": round(sum(clock.seconds.values()), 1)}
+    data["experiment"] = {**asdict(cfg), "base_checkpoint": base, "seconds": seconds,
+                          "seconds_total": round(sum(seconds.values()), 1)}
     base_json = out / "base" / "world_base.json"
     if cfg.base == "world" and base_json.is_file():
         meta = json.loads(base_json.read_text())
