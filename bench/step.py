@@ -3,8 +3,10 @@
 Side by side in one run (interleaved rounds, best round kept):
   vanilla      text-only conditioning, plain ControlNet path
   masked N     InstantFamily: N IDs stacked, every UNet and ControlNet cross-attention masked
-  prompts N    InstantFamily with per-person prompts: N IDs plus N person prompts (77 tokens each),
-               each prompt masked to its person's region, all in the same masked pass
+  prompts N    InstantFamily with per-person prompts: N IDs plus N person prompts (realistic lines,
+               token counts from ComfyUI's SD1 tokenizer, trimmed to their own tokens as the Person
+               Prompts node does), each masked to its person's region, all in the same masked pass;
+               "prompts-full N=4": the same with the padded 77-token chunks (the node's padding=full)
   regional N   what users do today for per-person prompts: one ConditioningSetMask per person (on the
                same person regions as "prompts N") + ConditioningCombine (no identity adapter at all:
                the cheapest form of today's per-person chains)
@@ -100,7 +102,28 @@ def grid_person_masks(n: int, size: int) -> torch.Tensor:
     return m
 
 
-def prompts(model, control, n: int, size: int, hint):
+# What users write per person (issue 13); token counts come from ComfyUI's own SD1 tokenizer.
+PERSON_LINES = ("the man on the left in a red leather jacket", "a girl in the middle holding a yellow balloon",
+                "a woman in a blue summer dress, smiling", "an old man with a grey beard and a straw hat",
+                "a boy in a green hoodie waving", "a woman with curly red hair and round glasses",
+                "a teenager in a black t-shirt with headphones", "a grandmother in a white cardigan, knitting")
+
+
+def person_prompt_lengths(n: int, trimmed: bool = True) -> list[int]:
+    """Tokens per person prompt as the Person Prompts node encodes PERSON_LINES (trimmed: start, words, end)."""
+    import comfy.sd1_clip
+
+    from instantfamily_nodes.pose.persons import content_lengths
+
+    tok = comfy.sd1_clip.SD1Tokenizer()
+    out = []
+    for line in (PERSON_LINES * (n // len(PERSON_LINES) + 1))[:n]:
+        chunks = tok.tokenize_with_weights(line)["l"]
+        out.append(sum(content_lengths(chunks)) if trimmed else 77 * len(chunks))
+    return out
+
+
+def prompts(model, control, n: int, size: int, hint, trimmed: bool = True):
     """N IDs + N person prompts in one masked pass; the negative has the same layout (null IDs, the
     encoding of "" per person), as the Embedding Stack builds it."""
     import nodes
@@ -114,11 +137,12 @@ def prompts(model, control, n: int, size: int, hint):
     with torch.no_grad():
         ids = proj(torch.randn(n, 512), torch.randn(n, 7, 7, 512))
         null = proj.null_tokens(n)
-    lines = [text(seed=10 + i)[0][0] for i in range(n)]
-    empty = text(seed=2)[0][0]
+    lens = person_prompt_lengths(n, trimmed)
+    lines = [text(k, seed=10 + i)[0][0] for i, k in enumerate(lens)]
+    empties = [text(k, seed=2)[0][0] for k in lens]       # the negative: "" cut to the same counts
     pos_ctx, layout = stack_context(text()[0][0], ids, lines)
-    neg_ctx, neg_layout = stack_context(text(seed=1)[0][0], null, [empty] * n)
-    assert layout == neg_layout == TokenLayout(77, n, 50, prompt_lens=(77,) * n)
+    neg_ctx, neg_layout = stack_context(text(seed=1)[0][0], null, empties)
+    assert layout == neg_layout == TokenLayout(77, n, 50, prompt_lens=tuple(lens))
     binding = IdentityBinding(layout, IDMasks(grid_face_masks(n, size), regions=grid_person_masks(n, size)))
     pos = [[pos_ctx, {"cross_attn_controlnet": pos_ctx}]]
     neg = [[neg_ctx, {"cross_attn_controlnet": neg_ctx}]]
@@ -164,6 +188,7 @@ def run(device: str, size: int, quick: bool) -> None:
     setups["moa N=4"] = moa(model, control, 4, size, hint)
     for n in ns:
         setups[f"prompts N={n}"] = prompts(model, control, n, size, hint)
+    setups["prompts-full N=4"] = prompts(model, control, 4, size, hint, trimmed=False)
     for n in ns:
         setups[f"regional N={n}"] = regional(model, control, n, size, hint)
 
@@ -195,8 +220,10 @@ def run(device: str, size: int, quick: bool) -> None:
              "ControlNet hint upscaling), as a user sees it.")
     p4 = times.get("prompts N=4", float("nan")) / times["vanilla"]
     r4 = times.get("regional N=4", float("nan")) / times["vanilla"]
-    notes += (f" Per-person prompts (issue 13): prompts N=4 {p4:.3f}x vanilla (target <= 1.15), regional "
-              f"conditioning on the same person regions {r4:.3f}x.")
+    pf4 = times.get("prompts-full N=4", float("nan")) / times["vanilla"]
+    notes += (f" Per-person prompts (issue 13): prompts N=4 {p4:.3f}x vanilla (target <= 1.15; lines of "
+              f"{person_prompt_lengths(4)} tokens as the node trims them), with the full 77-token padding "
+              f"{pf4:.3f}x, regional conditioning on the same person regions {r4:.3f}x.")
     moa4 = times["moa N=4"] / times["masked N=4"]
     notes += (f" MoA (issue 12): moa N=4 (learned routers, own experts) {moa4:.3f}x masked N=4, "
               f"{times['moa N=4'] / times['vanilla']:.3f}x vanilla.")
@@ -210,6 +237,8 @@ def run(device: str, size: int, quick: bool) -> None:
         "person_prompts_n4_vs_vanilla": p4,
         "regional_n4_vs_vanilla": r4,
         "person_prompts_n4_vs_regional_n4": p4 / r4,
+        "person_prompts_full_padding_n4_vs_vanilla": pf4,
+        "person_prompt_tokens_n4": person_prompt_lengths(4),
         "moa_vs_masked_step": moa4,
         "moa_n4_vs_vanilla": times["moa N=4"] / times["vanilla"],
     }

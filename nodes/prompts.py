@@ -61,8 +61,15 @@ class PersonPrompts:
         return [self.strength] * len(self.cond)
 
 
-def _encode(clip, text: str) -> torch.Tensor:
-    return clip.encode_from_tokens(clip.tokenize(text)).detach().float().cpu()
+def _encode(clip, text: str, trim: bool = False) -> torch.Tensor:
+    """(1, T, d) CLIP encoding; ``trim``: only the tokens that carry the line (per 77-token chunk: start,
+    words, first end token), not the padding, so a region's pixels attend to ~10 tokens instead of 77."""
+    tokens = clip.tokenize(text)
+    enc = clip.encode_from_tokens(tokens).detach().float().cpu()
+    chunks = tokens.get("l") if isinstance(tokens, dict) else None
+    if not trim or not chunks or enc.shape[1] != 77 * len(chunks):
+        return enc
+    return persons.trim_encoding(enc, persons.content_lengths(chunks))
 
 
 def _lines(prompts: str, regions_json: str | None) -> list[str]:
@@ -99,6 +106,12 @@ class PersonPromptsNode(io.ComfyNode):
                                 tooltip="Optional: the region editor's JSON; when 'prompts' is empty, each region's "
                                         "\"prompt\" field is used, in ID order."),
                 io.Image.Input("image", optional=True, tooltip="Drawn under the preview (e.g. the control image)."),
+                io.Combo.Input("padding", options=["trimmed", "full"], default="trimmed", optional=True,
+                               tooltip="trimmed: each line keeps only its own tokens (start, words, end; ~10 for a "
+                                       "short line), so the region's pixels attend to far fewer keys: faster, the "
+                                       "same words. full: the padded 77-token CLIP chunks, as ConditioningSetMask "
+                                       "would use them (the padding carries a summary of the line; choose it to "
+                                       "match a regional-conditioning look exactly)."),
             ],
             outputs=[
                 PERSON_PROMPTS.Output(display_name="person_prompts", tooltip="For the Embedding Stack."),
@@ -109,7 +122,7 @@ class PersonPromptsNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, prompts: str, regions: torch.Tensor, strength: float, regions_json: str | None = None,
-                image: torch.Tensor | None = None) -> io.NodeOutput:
+                image: torch.Tensor | None = None, padding: str = "trimmed") -> io.NodeOutput:
         if clip is None:
             raise ValueError("clip: connect the checkpoint's CLIP (its text encoder encodes each line)")
         regions = regions.detach().float().cpu()
@@ -126,7 +139,8 @@ class PersonPromptsNode(io.ComfyNode):
         if empty:
             raise ValueError(f"regions: region(s) {empty} are empty but their people have prompts; fix the "
                              "regions or leave those lines blank")
-        cond = tuple(_encode(clip, line) if line else None for line in lines)
+        trim = padding == "trimmed"
+        cond = tuple(_encode(clip, line, trim) if line else None for line in lines)
         value = PersonPrompts(tuple(lines), cond, _encode(clip, ""), regions.clamp(0, 1), float(strength))
         base = None
         if image is not None and tuple(image.shape[1:3]) == tuple(regions.shape[1:]):

@@ -129,3 +129,29 @@ def prompt_preview(regions: np.ndarray, prompts: Sequence[str], base: np.ndarray
         draw.rectangle(bbox, fill=(0, 0, 0))
         draw.text((tx, ty), label, fill=color, font=font)
     return np.array(img, np.uint8)
+
+
+END_TOKEN = 49407      # SD1's CLIP tokenizer: end of text, also its padding
+
+
+def content_lengths(chunks: list[list[tuple]]) -> list[int]:
+    """Per 77-token chunk of ComfyUI's SD1 tokenizer output (``clip.tokenize(text)["l"]``): how many tokens
+    carry the line (start token, the words, the first end token); the rest is padding."""
+    out = []
+    for chunk in chunks:
+        ids = [t[0] for t in chunk]
+        first_end = next((i for i in range(1, len(ids)) if int(ids[i]) == END_TOKEN), len(ids) - 1)
+        out.append(first_end + 1)
+    return out
+
+
+def trim_encoding(encoding, lengths: list[int], chunk: int = 77):
+    """The rows of a CLIP encoding (1, chunks * 77, d) that carry each chunk's content, concatenated.
+
+    CLIP's text encoder is causal, so these rows are exactly what the full encoding gives them: dropping
+    the padding after them changes nothing they hold, only what attends to them."""
+    import torch
+
+    if encoding.shape[1] != chunk * len(lengths):
+        raise ValueError(f"encoding has {encoding.shape[1]} tokens, expected {chunk} x {len(lengths)} chunks")
+    return torch.cat([encoding[:, k * chunk: k * chunk + n] for k, n in enumerate(lengths)], dim=1)

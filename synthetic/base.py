@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .world import World
+from .world import World, world_fits
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,11 @@ class BaseConfig:
 
 
 def _scene_pool(world: World, count: int, cfg: BaseConfig, start: int) -> list:
-    return world.scenes(count, (cfg.size, cfg.size), "train", start=start, people=cfg.people)
+    # small canvases hold fewer people (the world refuses faces under 8 px)
+    people = [n for n in cfg.people if world_fits(n, cfg.size)]
+    if not people:
+        raise ValueError(f"size {cfg.size}: none of people={cfg.people} fits (faces would be under 8 px)")
+    return world.scenes(count, (cfg.size, cfg.size), "train", start=start, people=people)
 
 
 def _warmup_constant_cosine(steps: int, warmup: int, decay: float = 0.3) -> Callable[[int], float]:
@@ -147,10 +151,13 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
         vae.vae_scale.fill_(std)
         vae.vae_shift.fill_(-mean / std)
     mse = float((y - x).pow(2).mean())
+    # reference: every held-out picture replaced by its own mean colour (what a useless VAE reaches)
+    flat_mse = float((x.mean((2, 3), keepdim=True) - x).pow(2).mean())
     face_mse = float(np.mean([((y[i, :, y0:y1, x0:x1] - x[i, :, y0:y1, x0:x1]) ** 2).mean().item()
                               for i, s in enumerate(held) for x0, y0, x1, y1 in s.boxes.astype(int)]))
     stats = {"psnr": round(-10 * math.log10(max(mse, 1e-10)), 2),
              "face_psnr": round(-10 * math.log10(max(face_mse, 1e-10)), 2),
+             "flat_psnr": round(-10 * math.log10(max(flat_mse, 1e-10)), 2),
              "raw_mean": mean, "raw_std": std, "seconds": round(time.time() - t0, 1)}
     log(f"world VAE held-out PSNR {stats['psnr']} dB (faces {stats['face_psnr']} dB)")
     return vae, stats

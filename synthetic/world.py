@@ -68,6 +68,11 @@ def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
     return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
+def world_fits(n_people: int, side: int) -> bool:
+    """Whether ``n_people`` fit a square canvas of ``side`` px (:meth:`World.scene`'s face-size rule)."""
+    return min(0.52 * side / n_people, 0.24 * side) >= 8
+
+
 @dataclass(frozen=True)
 class Identity:
     """One person of the world: everything that stays the same across appearances."""
@@ -304,7 +309,7 @@ class World:
                                  f"got {list(identities)}")
         slot = w / n
         base = min(0.52 * slot, 0.24 * min(h, w))
-        if base < 8:
+        if base < 8:   # the rule world_fits() states for square canvases
             raise ValueError(f"a {w}x{h} canvas is too small for {n} people (faces would be under 8 px); "
                              f"use at least {int(np.ceil(8 / 0.52 * n))} px width")
         img, bg_name = self._background((h, w), rng)

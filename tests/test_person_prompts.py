@@ -248,3 +248,20 @@ def test_hard_regional_pixel_classes_and_the_merging_fallback(monkeypatch, max_c
         assert all(torch.equal(c[1][:77], torch.arange(77)) for c in classes)
     else:
         assert classes is None
+
+
+def test_content_lengths_and_trim_by_hand():
+    from instantfamily_nodes.pose.persons import END_TOKEN, content_lengths, trim_encoding
+
+    start = 49406
+    short = [(start, 1.0), (320, 1.0), (736, 1.0), (END_TOKEN, 1.0)] + [(END_TOKEN, 1.0)] * 73
+    full = [(start, 1.0)] + [(1000 + i, 1.0) for i in range(75)] + [(END_TOKEN, 1.0)]
+    blank = [(start, 1.0)] + [(END_TOKEN, 1.0)] * 76
+    assert content_lengths([short]) == [4]
+    assert content_lengths([full, short]) == [77, 4]
+    assert content_lengths([blank]) == [2]
+    enc = torch.arange(2 * 77, dtype=torch.float32).view(1, 154, 1)
+    got = trim_encoding(enc, [77, 4])
+    assert got.flatten().tolist() == list(range(77)) + [77, 78, 79, 80]
+    with pytest.raises(ValueError, match="expected 77 x 1 chunks"):
+        trim_encoding(enc, [4])

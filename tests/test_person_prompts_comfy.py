@@ -22,16 +22,22 @@ def regions(h=256, w=256):
     return r
 
 
-def person_prompts(env, lines=LINES, h=256, w=256):
+def person_prompts(env, lines=LINES, h=256, w=256, padding="trimmed"):
     from instantfamily_nodes.nodes.prompts import PersonPromptsNode
 
-    return PersonPromptsNode.execute(env["clip"], lines, regions(h, w), 1.0).result
+    return PersonPromptsNode.execute(env["clip"], lines, regions(h, w), 1.0, padding=padding).result
 
 
-def apply(env, lines=LINES, start=0.0, end=1.0, prompt="two people"):
+def words(env, line):
+    """Tokens a line really has, counted from ComfyUI's tokenizer: per 77-token window the non-end
+    tokens plus one end token (the rest of the window is end-token padding)."""
+    return sum(sum(1 for t in chunk if t[0] != 49407) + 1 for chunk in env["clip"].tokenize(line)["l"])
+
+
+def apply(env, lines=LINES, start=0.0, end=1.0, prompt="two people", padding="trimmed"):
     from instantfamily_nodes.nodes.instantfamily import Apply, EmbeddingStack, ProjectIDs
 
-    pp, _ = person_prompts(env, lines)
+    pp, _ = person_prompts(env, lines, padding=padding)
     ids = ProjectIDs.execute(fake_faces(env["weights"]), env["weights"]).result[0]
     pos, neg = EmbeddingStack.execute(env["encode"](prompt), env["encode"](""), ids, env["weights"], pp).result
     model, pos, neg = Apply.execute(env["model"], pos, neg, id_masks(256, 256), 1.0, "", start, end, "hard",
@@ -55,16 +61,28 @@ def spy(monkeypatch):
 def test_layout_and_negative(env):
     model, pos, neg, pp = apply(env)
     layout = pos[0][1]["instantfamily_layout"]
-    # 77 text + 2 IDs x 50 + person prompts (77, none, 77): the same layout on both sides.
-    assert layout.prompt_lens == (77, 0, 77) and layout.n_ids == 2
+    # 77 text + 2 IDs x 50 + person prompts trimmed to their own tokens (start, words, end), none for
+    # ID 1: the same layout on both sides.
+    k0, k2 = words(env, "a red jacket"), words(env, "a blue hat")
+    assert 3 <= k0 < 10 and 3 <= k2 < 10
+    assert layout.prompt_lens == (k0, 0, k2) and layout.n_ids == 2
     assert neg[0][1]["instantfamily_layout"] == layout
-    assert pos[0][0].shape[1] == neg[0][0].shape[1] == 77 + 100 + 154
-    # The positive carries each line's own CLIP encoding, the negative the encoding of "".
+    assert pos[0][0].shape[1] == neg[0][0].shape[1] == 77 + 100 + k0 + k2
+    # The positive carries the first rows of each line's full (padded) CLIP encoding, which the causal
+    # text encoder computes without looking at the padding; the negative the first rows of "".
     line0 = env["clip"].encode_from_tokens(env["clip"].tokenize("a red jacket"))
     empty = env["clip"].encode_from_tokens(env["clip"].tokenize(""))
-    torch.testing.assert_close(pos[0][0][:, layout.prompt_slice(0)], line0.float())
-    torch.testing.assert_close(neg[0][0][:, layout.prompt_slice(2)], empty.float())
+    torch.testing.assert_close(pos[0][0][:, layout.prompt_slice(0)], line0.float()[:, :k0])
+    torch.testing.assert_close(neg[0][0][:, layout.prompt_slice(2)], empty.float()[:, :k2])
     assert not torch.allclose(pos[0][0][:, layout.prompt_slice(2)], neg[0][0][:, layout.prompt_slice(2)])
+
+
+def test_full_padding_keeps_the_77_token_windows(env):
+    model, pos, neg, pp = apply(env, padding="full")
+    layout = pos[0][1]["instantfamily_layout"]
+    assert layout.prompt_lens == (77, 0, 77) and neg[0][1]["instantfamily_layout"] == layout
+    line0 = env["clip"].encode_from_tokens(env["clip"].tokenize("a red jacket"))
+    torch.testing.assert_close(pos[0][0][:, layout.prompt_slice(0)], line0.float())
 
 
 def test_cond_and_uncond_run_in_one_pass(env, spy):
@@ -101,7 +119,8 @@ def test_long_line_and_sampling_is_finite(env, spy):
     long = "a red jacket with golden buttons, " * 12     # > 77 tokens: two CLIP windows
     model, pos, neg, _ = apply(env, lines=f"{long}\nsmiling")
     layout = pos[0][1]["instantfamily_layout"]
-    assert layout.prompt_lens == (154, 77, 0)
+    assert layout.prompt_lens == (words(env, long), words(env, "smiling"), 0)
+    assert 77 < layout.prompt_lens[0] < 154        # two windows: the first full, the second trimmed
     assert neg[0][0].shape == pos[0][0].shape
     out = sample(model, pos, neg, steps=2)
     assert torch.isfinite(out).all() and {c[0] for c in spy} == {2}
