@@ -24,9 +24,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -84,6 +84,17 @@ def _warmup_constant_cosine(steps: int, warmup: int, decay: float = 0.3) -> Call
     return factor
 
 
+def _optimizer_step(loss: torch.Tensor, opt, sched, params: list, where: str, lr_key: str) -> None:
+    """One clipped AdamW step; a non-finite loss stops the run naming the step (never trains on NaN)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss is {loss.item()}; lower {lr_key}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 # ---------------------------------------------------------------- VAE
 
 def _face_biased_crops(images: np.ndarray, boxes: list[np.ndarray], crop: int, count: int,
@@ -131,13 +142,7 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
         y = vae.taesd_decoder(z)
         # L1 keeps the patterns' edges sharper than MSE; the small latent penalty keeps the scale in check
         loss = F.l1_loss(y, x) + 1e-4 * z.pow(2).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"world VAE: loss is {loss.item()} at step {step + 1}; lower vae_lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, params, f"world VAE step {step + 1}", "vae_lr")
         if step % 100 == 0 or step == cfg.vae_steps - 1:
             log(f"world VAE step {step + 1}/{cfg.vae_steps} L1 {loss.item():.4f} ({time.time() - t0:.0f} s)")
     vae.eval()
@@ -223,13 +228,7 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         eps = unet(z_t, timesteps=t.float(), context=ctx)
         loss = F.mse_loss(eps, noise)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"world UNet: loss is {loss.item()} at step {step + 1}; lower unet_lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, params, f"world UNet step {step + 1}", "unet_lr")
         losses.append(loss.item())
         if step % 100 == 0 or step == cfg.unet_steps - 1:
             recent = float(np.mean(losses[-100:]))
@@ -289,8 +288,14 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     Needs ComfyUI importable (``train.host.import_comfy``)."""
     import comfy.sd
 
-    from ..demo.tiny import (WORLD_LATENT_CHANNELS, UNET_CONFIG, UNET_EXTRA, clip_state_dict, init_weights,
-                             register_tiny_model_type)
+    from ..demo.tiny import (
+        UNET_CONFIG,
+        UNET_EXTRA,
+        WORLD_LATENT_CHANNELS,
+        clip_state_dict,
+        init_weights,
+        register_tiny_model_type,
+    )
 
     cfg = cfg or BaseConfig()
     if cfg.threads:
@@ -302,8 +307,8 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     t_start = time.time()
     vae_module, vae_stats = train_vae(world, cfg, log)
 
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     unet_cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS)
     unet0 = init_weights(UNetModel(**unet_cfg, **UNET_EXTRA, operations=comfy.ops.disable_weight_init,

@@ -87,10 +87,18 @@ def test_register_tiny_model_type_is_idempotent_and_leaves_sd15_alone(comfyui):
 
     cls = tiny.register_tiny_model_type()
     assert tiny.register_tiny_model_type() is cls
-    assert sum(getattr(m, "instantfamily_tiny", False) for m in comfy.supported_models.models) == 1
+    models = comfy.supported_models.models
+    # one tiny type and one world type (the synthetic world's 16-channel base), each registered once
+    assert sum(getattr(m, "instantfamily_tiny", False) and not getattr(m, "instantfamily_world", False)
+               for m in models) == 1
+    assert sum(getattr(m, "instantfamily_world", False) for m in models) == 1
     real = dict(tiny.UNET_CONFIG, model_channels=320, channel_mult=[1, 2, 4, 4])
     assert type(comfy.model_detection.model_config_from_unet_config(real)) is comfy.supported_models.SD15
     assert type(comfy.model_detection.model_config_from_unet_config(dict(tiny.UNET_CONFIG))) is cls
+    world = comfy.model_detection.model_config_from_unet_config(
+        dict(tiny.UNET_CONFIG, in_channels=tiny.WORLD_LATENT_CHANNELS, out_channels=tiny.WORLD_LATENT_CHANNELS))
+    assert getattr(world, "instantfamily_world", False) and world.latent_format.latent_channels == 16
+    assert not world.inpaint_model()
 
 
 def test_tiny_checkpoint_and_controlnet_load_through_core_nodes_and_sample(comfy_headless, tiny_models):
