@@ -41,6 +41,19 @@ def _scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sheet(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .sheet import scenes_sheet
+    from .world import World
+
+    ns = [int(n) for n in args.people.split(",")]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(scenes_sheet(World(args.identities, args.seed), ns, args.size)).save(args.out)
+    print(json.dumps({"sheet": str(Path(args.out)), "people": ns}))
+    return 0
+
+
 def _base(args: argparse.Namespace) -> int:
     from ..train.host import import_comfy
     from .base import BaseConfig, build_world_base
@@ -56,10 +69,11 @@ def _experiment(args: argparse.Namespace) -> int:
     from .experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(base=args.base, scenes=args.scenes, size=args.size, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, ns=args.ns, bench_scenes=args.bench_scenes,
-                           sample_steps=args.sample_steps, identities=args.identities, seed=args.seed,
-                           base_vae_steps=args.base_vae_steps, base_unet_steps=args.base_unet_steps,
-                           recognizer_steps=args.recognizer_steps, unmasked_baseline=not args.no_unmasked)
+                           batch_size=args.batch_size, lr=args.lr, face_loss_weight=args.face_loss_weight,
+                           ns=args.ns, bench_scenes=args.bench_scenes, sample_steps=args.sample_steps,
+                           identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,
+                           base_unet_steps=args.base_unet_steps, recognizer_steps=args.recognizer_steps,
+                           unmasked_baseline=not args.no_unmasked)
     path = run_experiment(args.out, cfg, comfyui=args.comfyui, force=args.force)
     print(f"results: {path}")
     return 0
@@ -91,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--identities", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_scenes)
+    t = sub.add_parser("sheet", help="a PNG of held-out scenes above their control images")
+    t.add_argument("--out", required=True, help="PNG path")
+    t.add_argument("--people", default="1,2,4,7", help="people per scene, one column each")
+    t.add_argument("--size", type=int, default=128)
+    t.add_argument("--identities", type=int, default=24)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_sheet)
     b = sub.add_parser("base", help="train the world's base model (VAE + UNet: the stand-in for SD1.5)")
     b.add_argument("--out", required=True, help="models root: the checkpoint goes to OUT/checkpoints/")
     b.add_argument("--size", type=int, default=128)
@@ -113,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--steps", type=int, default=d.steps, help="train fit steps per model")
     e.add_argument("--batch-size", type=int, default=d.batch_size)
     e.add_argument("--lr", type=float, default=d.lr, help="projection and ControlNet learning rate")
+    e.add_argument("--face-loss-weight", type=float, default=d.face_loss_weight,
+                   help="eps-MSE weight inside the ID masks is 1 + this, in both fits (0: the paper's loss)")
     e.add_argument("--ns", default=d.ns)
     e.add_argument("--bench-scenes", type=int, default=d.bench_scenes)
     e.add_argument("--sample-steps", type=int, default=d.sample_steps)

@@ -41,6 +41,7 @@ class ExperimentConfig:
     steps: int = 1000                # `train fit` steps, per model
     batch_size: int = 16
     lr: float = 3e-4                 # projection and ControlNet
+    face_loss_weight: float = 0.0    # train fit's face_loss_weight (both fits): 0 = the paper's plain MSE
     ns: str = "1,2,3,4,7"
     bench_scenes: int = 8            # per N
     sample_steps: int = 20
@@ -90,7 +91,8 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
     sets = {"data": shards, "out": run, "checkpoint": base, "resolution": cfg.size, "n_ids": 4,
             "batch_size": cfg.batch_size, "steps": cfg.steps, "lr_projection": cfg.lr, "lr_controlnet": cfg.lr,
             "lr_warmup": min(100, cfg.steps // 10), "num_workers": 0, "validate_every": 0,
-            "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed, **(extra or {})}
+            "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed,
+            "face_loss_weight": cfg.face_loss_weight, **(extra or {})}
     cmd = [py, "-m", "instantfamily_nodes.train", "fit", "--no-progress", "--device", "cpu"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]

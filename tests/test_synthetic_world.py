@@ -261,3 +261,24 @@ def test_bench_harness_runs_through_comfyui(world_pack, comfyui, tmp_path):
     assert s["accuracy_masked"]["1"] == 1.0          # one identity: among-N is trivially right
     assert len(data["per_position"]["masked"]["2"]["asked"][0]) == 2
     assert out.with_suffix(".png").is_file()
+
+
+def test_scenes_sheet_shows_each_scene_above_its_control_image(tmp_path):
+    from instantfamily_nodes.palette import id_color
+    from instantfamily_nodes.synthetic.__main__ import main
+    from instantfamily_nodes.synthetic.sheet import GAP, scenes_sheet
+
+    world = World()
+    sheet = scenes_sheet(world, (1, 3), 96)
+    assert sheet.shape == (2 * 96 + GAP, 2 * 96 + GAP, 3)
+    scene = world.scene(3, (96, 96), "test", 1)                  # column 2: index 1
+    assert np.array_equal(sheet[:96, 96 + GAP:], scene.image)
+    control = sheet[96 + GAP:, 96 + GAP:]
+    for i, (x0, y0, x1, y1) in enumerate(scene.boxes):
+        assert tuple(control[int((y0 + y1) / 2), int((x0 + x1) / 2)]) == id_color(i)
+    with pytest.raises(ValueError, match="ns"):
+        scenes_sheet(world, ())
+    assert main(["sheet", "--out", str(tmp_path / "s.png"), "--people", "2", "--size", "64"]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s.png").size == (64, 2 * 64 + GAP)

@@ -111,7 +111,7 @@ def test_a_few_steps_make_the_router_loss_fall(tiny, batch):
 
 
 def test_masked_loss_counts_foreground_pixels_only():
-    from instantfamily_nodes.train.moa import masked_mse
+    from instantfamily_nodes.train.loss import masked_mse
 
     eps, noise = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
     noise[..., :4] = 2.0                              # error 4 on the left half

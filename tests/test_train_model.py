@@ -422,3 +422,34 @@ def test_cached_latents_and_text_give_the_same_loss_as_encoding_on_the_fly(model
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # and the latent is in the UNet's scale: ComfyUI's SD1.5 format multiplies by 0.18215
     torch.testing.assert_close(model.encode_latents(cached), raw * 0.18215)
+
+
+def test_face_loss_weight_weighs_the_noise_error_inside_the_id_masks(tiny, batch):
+    """The step's loss with face_loss_weight = 3 equals a float64 hand computation on the noise it
+    predicted (recorded from the real predict_noise): latent pixels inside a present ID's mask count 4x."""
+    m = build(tiny, face_loss_weight=3.0)
+    seen = {}
+    predict = m.predict_noise
+
+    def record(z_t, t, *args, **kwargs):
+        seen["z_t"], seen["t"] = z_t.detach().clone(), t.detach().clone()
+        seen["eps"] = predict(z_t, t, *args, **kwargs)
+        return seen["eps"]
+
+    m.predict_noise = record
+    with torch.no_grad():
+        loss = m.loss(batch, torch.Generator().manual_seed(4))
+        z0 = m.encode_latents(batch).double()
+    a = m.alphas_cumprod[seen["t"]].double().view(-1, 1, 1, 1)
+    noise = (seen["z_t"].double() - a.sqrt() * z0) / (1 - a).sqrt()
+    err = (seen["eps"].double() - noise) ** 2                          # (B, C, r, r)
+    present = batch.masks.double() * batch.id_present.double()[..., None, None]
+    union = present.amax(1)                                            # (B, R, R)
+    b, r = union.shape[0], err.shape[-1]
+    k = union.shape[-1] // r
+    face = union.view(b, r, k, r, k).mean((2, 4))                      # block means: the latent pixel's share
+    assert 0 < float(face.sum()) < face.numel()                       # faces and background both present
+    weight = (1 + 3.0 * face)[:, None].expand_as(err)
+    expected = (weight * err).sum() / weight.sum()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    assert float(loss) != pytest.approx(float(err.mean()), rel=1e-3)  # and it is not the plain MSE

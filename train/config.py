@@ -44,6 +44,8 @@ class TrainConfig:
     mask_margin: float = 0.25           # face box + 25 % (sec. 4.2)
     mask_ids: bool = True               # false: every ID's tokens visible everywhere (the unmasked-stacking
                                         # baseline of the paper's ablation, for comparisons only)
+    face_loss_weight: float = 0.0       # eps-MSE weight inside the ID masks is 1 + this (0 = the paper's
+                                        # plain MSE; beyond the paper, train/loss.py)
     # --- optimisation
     lr_projection: float = 1e-5
     lr_controlnet: float = 1e-5
@@ -99,6 +101,7 @@ class TrainConfig:
             need(0.0 <= getattr(self, k) <= 1.0, k, "must be in [0, 1]")
         need(self.attention_mode in ATTENTION_MODES, "attention_mode", f"must be one of {ATTENTION_MODES}")
         need(self.mask_margin >= 0, "mask_margin", "must be >= 0")
+        need(self.face_loss_weight >= 0, "face_loss_weight", "must be >= 0 (0 = plain MSE, the paper's loss)")
         for k in ("lr_projection", "lr_controlnet", "weight_decay", "grad_clip", "adam_eps"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
         need(self.train_projection or self.train_controlnet or self.moa, "train_projection",

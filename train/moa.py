@@ -42,6 +42,7 @@ from ..attention.moa import (
     moa_layers,
     moa_state_dict,
 )
+from .loss import foreground, masked_mse
 
 GROUP = "moa"
 
@@ -73,12 +74,6 @@ class MoASettings:
         return s
 
 
-def foreground(batch, device) -> torch.Tensor:
-    """(B, 1, R, R) union of the present IDs' masks (empty slots contribute nothing)."""
-    m = batch.masks.to(device, torch.float32) * batch.id_present.to(device, torch.float32)[..., None, None]
-    return m.amax(1, keepdim=True) if m.shape[1] else m.new_zeros(m.shape[0], 1, *m.shape[-2:])
-
-
 def router_loss(record: list, fg: torch.Tensor) -> torch.Tensor:
     """Sum over the penalised layers' records of mean((1 - M) * (1 - w_prior)^2) at each layer's grid."""
     total = fg.new_zeros(())
@@ -92,15 +87,6 @@ def router_loss(record: list, fg: torch.Tensor) -> torch.Tensor:
         bg = 1 - F.interpolate(fg, size=grid, mode="area").flatten(1)           # (B, Q)
         total = total + (bg * (1 - w_prior.float()) ** 2).mean()
     return total
-
-
-def masked_mse(eps: torch.Tensor, noise: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """MSE over the foreground latent pixels; the plain MSE when no sample has a foreground."""
-    m = F.interpolate(fg, size=eps.shape[-2:], mode="area")
-    denom = m.sum() * eps.shape[1]
-    if float(denom) == 0:
-        return F.mse_loss(eps.float(), noise)
-    return (m * (eps.float() - noise) ** 2).sum() / denom
 
 
 class MoATraining(nn.Module):

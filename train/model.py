@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attention.layer import OPTIONS_KEY, IdentityBinding, binding_scope, install_layers, wrap_cross_attention
@@ -40,6 +39,7 @@ from ..attention.masks import IDMasks
 from ..models.projection import IDProjection, ProjectionConfig, stack_context
 from ..models.weights import WeightMeta
 from .batch import Batch
+from .loss import eps_mse, foreground
 from .shards import Manifest
 
 N_TRAIN_TIMESTEPS = 1000
@@ -448,7 +448,7 @@ class TrainModel(nn.Module):
             eps = self.predict_noise(z_t, t, context, batch.control.to(self.device), self.binding(batch, layout))
         if self.moa is not None:
             return self.moa.loss(eps, noise, batch)   # reconstruction (+ masked option) + router loss
-        return F.mse_loss(eps.float(), noise)
+        return eps_mse(eps, noise, foreground(batch, self.device), float(getattr(self.cfg, "face_loss_weight", 0.0)))
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return self.loss(batch, generator)
