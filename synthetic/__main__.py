@@ -68,7 +68,7 @@ def _base(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from .experiment import ExperimentConfig, run_experiment
 
-    cfg = ExperimentConfig(base=args.base, scenes=args.scenes, size=args.size, steps=args.steps,
+    cfg = ExperimentConfig(base=args.base, scenes=args.scenes, people=args.people, size=args.size, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, face_loss_weight=args.face_loss_weight,
                            ns=args.ns, bench_scenes=args.bench_scenes, sample_steps=args.sample_steps,
                            identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--base", default=d.base, help="'world' (train the world's base here, default), 'tiny' (random "
                                                   "tiny set: plumbing only) or an SD1.5-shaped checkpoint")
     e.add_argument("--scenes", type=int, default=d.scenes)
+    e.add_argument("--people", default=d.people, help="people per training scene, cycled (a fit conditions up "
+                                                      "to 4 of them, like group photos)")
     e.add_argument("--size", type=int, default=d.size)
     e.add_argument("--steps", type=int, default=d.steps, help="train fit steps per model")
     e.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -3,7 +3,7 @@
 1. the world's base model (:mod:`.base`: VAE + UNet trained on world scenes, the stand-in for SD1.5;
    ``<out>/base``), unless ``--base`` names another SD1.5-shaped checkpoint;
 2. the world's recognizer pack (``<out>/models``);
-3. world scenes (1-4 people) as a ``train prepare`` input folder, then ``train prepare`` with that pack,
+3. world scenes (1-7 people) as a ``train prepare`` input folder, then ``train prepare`` with that pack,
    caching the base's VAE latents and CLIP encodings;
 4. ``train fit`` twice on the base (ControlNet from the base, ID projection, base frozen, N = 4 slots in
    random order): with masked attention in UNet and ControlNet (the method) and with every ID visible
@@ -37,6 +37,7 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 class ExperimentConfig:
     base: str = "world"              # "world" (trained here), "tiny" (random: plumbing) or a checkpoint path
     scenes: int = 2000               # training scenes for `train prepare`
+    people: str = "1,2,3,4,5,6,7"    # people per training scene, cycled; a fit conditions up to 4 of them
     size: int = 128
     steps: int = 1000                # `train fit` steps, per model
     batch_size: int = 16
@@ -112,6 +113,12 @@ def _trained_steps(run: Path) -> int:
 def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str | None = None,
                    force: bool = False) -> Path:
     """Run (or resume) the experiment in ``out``; returns the bench results JSON."""
+    from .world import world_fits
+
+    crowded = [n for n in (int(p) for p in cfg.people.split(",")) if not world_fits(n, cfg.size)]
+    if crowded:
+        raise ValueError(f"people={cfg.people!r}: {crowded} people do not fit a {cfg.size} px scene (faces would "
+                         "be under 8 px); use fewer people or a larger size")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -139,7 +146,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
          str(cfg.recognizer_train_size), "--test-size", str(min(2000, cfg.recognizer_train_size // 4))], env))
     clock.run("scenes", force or not (out / "scenes").is_dir(), lambda: _run(
         [py, "-m", "instantfamily_nodes.synthetic", "scenes", "--out", str(out / "scenes"), "--count",
-         str(cfg.scenes), "--size", str(cfg.size), "--people", "1,2,3,4", "--identities", str(cfg.identities),
+         str(cfg.scenes), "--size", str(cfg.size), "--people", cfg.people, "--identities", str(cfg.identities),
          "--seed", str(cfg.seed)], env))
     shards = out / "shards"
     clock.run("prepare", force or not (shards / "manifest.json").is_file(), lambda: _run(
@@ -175,11 +182,13 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
                for k in dict.fromkeys([*earlier, *clock.seconds])}
     data = json.loads(results.read_text())
     data["untrained_base"] = untrained
-    data["experiment"] = {**asdict(cfg), "base_checkpoint": base, "seconds": seconds,
-                          "seconds_total": round(sum(seconds.values()), 1)}
     base_json = out / "base" / "world_base.json"
     if cfg.base == "world" and base_json.is_file():
         meta = json.loads(base_json.read_text())
         data["base"] = {k: v for k, v in meta.items() if k != "unet_losses"}
+        # a base built by its own command before the experiment still counts in the experiment's time
+        seconds.setdefault("base", round(float(meta.get("seconds", 0.0)), 1))
+    data["experiment"] = {**asdict(cfg), "base_checkpoint": base, "seconds": seconds,
+                          "seconds_total": round(sum(seconds.values()), 1)}
     results.write_text(json.dumps(data, indent=2) + "\n")
     return results

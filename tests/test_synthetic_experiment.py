@@ -25,7 +25,7 @@ import torch
 from instantfamily_nodes.synthetic.experiment import ExperimentConfig, run_experiment
 
 # Small enough for CI: 64 px scenes (8 x 8 latents), 12 identities, 1-2 people measured.
-CI = ExperimentConfig(base="world", scenes=200, size=64, steps=40, batch_size=8, lr=5e-4, ns="1,2",
+CI = ExperimentConfig(base="world", scenes=200, people="1,2,3,4", size=64, steps=40, batch_size=8, lr=5e-4, ns="1,2",
                       bench_scenes=2, sample_steps=8, identities=12, seed=0, base_vae_steps=120,
                       base_unet_steps=150, base_unet_scenes=300, recognizer_steps=100, recognizer_train_size=2000,
                       unmasked_baseline=False)
@@ -110,6 +110,14 @@ def test_demo_world_mode_without_a_trained_world_says_how_to_train_it(comfyui, t
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "python -m instantfamily_nodes.synthetic experiment --out" in res.stderr
+
+
+def test_experiment_refuses_more_people_than_the_scene_holds(tmp_path):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=r"people='1,7'.*\[7\].*64 px"):
+        run_experiment(tmp_path, replace(CI, people="1,7"))
+    assert not any(tmp_path.iterdir())      # refused before anything was written
 
 
 def test_unmasked_training_option_shows_every_id_everywhere():
