@@ -39,10 +39,10 @@ class ExperimentConfig:
     scenes: int = 2000               # training scenes for `train prepare`
     people: str = "1,2,3,4,5,6,7"    # people per training scene, cycled; a fit conditions up to 4 of them
     size: int = 128
-    steps: int = 1000                # `train fit` steps, per model
+    steps: int = 2000                # `train fit` steps, per model
     batch_size: int = 16
     lr: float = 3e-4                 # projection and ControlNet
-    face_loss_weight: float = 0.0    # train fit's face_loss_weight (both fits): 0 = the paper's plain MSE
+    face_loss_weight: float = 3.0    # train fit's face_loss_weight (both fits); 0 = the paper's plain MSE
     ns: str = "1,2,3,4,7"
     bench_scenes: int = 8            # per N
     sample_steps: int = 20
