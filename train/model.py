@@ -448,7 +448,8 @@ class TrainModel(nn.Module):
             eps = self.predict_noise(z_t, t, context, batch.control.to(self.device), self.binding(batch, layout))
         if self.moa is not None:
             return self.moa.loss(eps, noise, batch)   # reconstruction (+ masked option) + router loss
-        return eps_mse(eps, noise, foreground(batch, self.device), float(getattr(self.cfg, "face_loss_weight", 0.0)))
+        w = float(getattr(self.cfg, "face_loss_weight", 0.0))
+        return eps_mse(eps, noise, foreground(batch, self.device) if w else None, w)
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return self.loss(batch, generator)
