@@ -102,7 +102,7 @@ def _world_latent_format() -> type:
     import comfy.latent_formats
 
     class WorldLatent(comfy.latent_formats.LatentFormat):
-        # The world VAE's own vae_scale / vae_shift already give zero-mean unit-variance latents.
+        # The world VAE's own vae_scale / vae_shift already give zero-mean latents of std BaseConfig.latent_std.
         latent_channels = WORLD_LATENT_CHANNELS
         scale_factor = 1.0
 

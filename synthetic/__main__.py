@@ -60,7 +60,8 @@ def _base(args: argparse.Namespace) -> int:
 
     import_comfy(args.comfyui)
     cfg = BaseConfig(size=args.size, identities=args.identities, seed=args.seed, vae_steps=args.vae_steps,
-                     unet_steps=args.unet_steps, unet_scenes=args.unet_scenes, threads=args.threads)
+                     unet_steps=args.unet_steps, unet_scenes=args.unet_scenes, threads=args.threads,
+                     unet_noise_weight_cap=args.unet_noise_weight_cap, latent_std=args.latent_std)
     print(json.dumps({"checkpoint": str(build_world_base(args.out, cfg))}))
     return 0
 
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--vae-steps", type=int, default=BaseDefaults.vae_steps)
     b.add_argument("--unet-steps", type=int, default=BaseDefaults.unet_steps)
     b.add_argument("--unet-scenes", type=int, default=3000, help="scenes in the UNet's latent pool")
+    b.add_argument("--unet-noise-weight-cap", type=float, default=BaseDefaults.unet_noise_weight_cap,
+                   help="UNet loss weight 1/SNR is capped here (1: plain eps-MSE)")
+    b.add_argument("--latent-std", type=float, default=BaseDefaults.latent_std,
+                   help="std of the VAE's latents (above 1: more signal at each noise level)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     b.add_argument("--comfyui", default=None)
     b.set_defaults(func=_base)

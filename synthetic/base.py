@@ -7,8 +7,10 @@ cross-attention layers and context width 768, the tiny CLIP, a TAESD VAE) with t
 - **VAE**: ComfyUI's TAESD with :data:`~..demo.tiny.WORLD_LATENT_CHANNELS` (16) latent channels, trained on
   crops of world scenes (8x down-scaling like SD1.5). With SD1.5's 4 channels a 16 px face at 8x would be
   2 x 2.5 latent pixels of 4 numbers: too few to carry an identity; 16 channels carry it. Its
-  ``vae_scale`` / ``vae_shift`` are set so that latents are zero-mean, unit-variance (latent scale 1).
-- **UNet**: trained from scratch (eps-prediction, SD1.5's noise schedule) on world scenes of 1-7 people
+  ``vae_scale`` / ``vae_shift`` are set so that latents are zero-mean with std ``latent_std`` (1, like
+  SD1.5's; latent scale 1).
+- **UNet**: trained from scratch (eps-prediction, SD1.5's noise schedule; optionally eps-MSE weighted
+  towards high noise: :func:`noise_weighted_eps_mse`) on world scenes of 1-7 people
   with their captions through the tiny CLIP (random, frozen: it only has to tell captions apart), caption
   dropout for classifier-free guidance. It learns to draw scenes, bodies and faces, but no particular
   identity: which face appears where is left to chance, exactly the gap InstantFamily fills.
@@ -51,12 +53,14 @@ class BaseConfig:
     vae_crop: int = 32              # the VAE is convolutional: crops train it at a 16th of a scene's cost
     vae_lr: float = 1e-3
     vae_scenes: int = 400           # scenes the crops are cut from
+    latent_std: float = 1.0         # std of the encoded latents (vae_scale / vae_shift); see train_vae
     unet_steps: int = 1500
     unet_batch: int = 16
     unet_lr: float = 5e-4
     unet_warmup: int = 100
     unet_scenes: int = 3000         # latent pool the UNet trains on
     text_dropout: float = 0.1
+    unet_noise_weight_cap: float = 1.0    # eps-MSE weight 1/SNR (x0 error scale), floored at 1, capped here; 1 = plain
     threads: int = 0                # 0 = torch's default
 
 
@@ -119,7 +123,7 @@ def _face_biased_crops(images: np.ndarray, boxes: list[np.ndarray], crop: int, c
 
 def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger.info) -> tuple[torch.nn.Module, dict]:
     """ComfyUI's TAESD (16 latent channels) trained as an autoencoder on world crops; returns it with
-    ``vae_scale`` / ``vae_shift`` set for unit-variance latents, and its held-out reconstruction numbers."""
+    ``vae_scale`` / ``vae_shift`` set for zero-mean latents of std ``cfg.latent_std``, and its held-out reconstruction numbers."""
     import comfy.taesd.taesd
 
     from ..demo.tiny import WORLD_LATENT_CHANNELS, init_weights
@@ -153,8 +157,11 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
         y = vae.taesd_decoder(raw).clamp(0, 1)
         mean, std = float(raw.mean()), float(raw.std())
         # ComfyUI: encode = raw / vae_scale + vae_shift, decode(z) = decoder((z - vae_shift) * vae_scale)
-        vae.vae_scale.fill_(std)
-        vae.vae_shift.fill_(-mean / std)
+        # latent_std > 1 shifts every noise level's SNR by latent_std**2 (Hoogeboom et al. 2023: SD1.5's
+        # schedule was made for 64x64 latents, these are 16x16). Measured at 3 (README): the base's
+        # high-noise predictions improved, but its samples stayed texture and identity accuracy fell.
+        vae.vae_scale.fill_(std / cfg.latent_std)
+        vae.vae_shift.fill_(-mean * cfg.latent_std / std)
     mse = float((y - x).pow(2).mean())
     # reference: every held-out picture replaced by its own mean colour (what a useless VAE reaches)
     flat_mse = float((x.mean((2, 3), keepdim=True) - x).pow(2).mean())
@@ -194,6 +201,19 @@ def encode_scenes(vae, images: np.ndarray, batch: int = 32) -> torch.Tensor:
     return torch.cat(out)
 
 
+def noise_weighted_eps_mse(eps: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
+                           cap: float) -> torch.Tensor:
+    """Weighted mean over the batch of per-sample eps-MSE, weight ``clamp(1/SNR, 1, cap)`` with
+    ``SNR = alpha_bar / (1 - alpha_bar)``; ``cap <= 1`` is the plain eps-MSE.
+
+    Plain eps-MSE barely weighs high noise (there eps ~ z_t whatever the scene), yet the first sampling
+    steps turn eps error into x0 error times 1/SNR: a small base trained that way draws texture. The weight
+    is x0's error scale, floored so that low noise keeps the plain weight."""
+    w = ((1 - alpha_bar) / alpha_bar).clamp(1.0, max(1.0, float(cap)))
+    per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+    return (w * per_sample).sum() / w.sum()
+
+
 def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
                log: Callable[[str], None] = logger.info) -> dict:
     """eps-prediction training of ``model``'s UNet in place on world scene latents; returns the loss log."""
@@ -227,7 +247,7 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
         a = ac[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         eps = unet(z_t, timesteps=t.float(), context=ctx)
-        loss = F.mse_loss(eps, noise)
+        loss = noise_weighted_eps_mse(eps, noise, a.view(-1), cfg.unet_noise_weight_cap)
         _optimizer_step(loss, opt, sched, params, f"world UNet step {step + 1}", "unet_lr")
         losses.append(loss.item())
         if step % 100 == 0 or step == cfg.unet_steps - 1:
@@ -236,6 +256,34 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
     unet.eval().requires_grad_(False)
     return {"loss_first100": float(np.mean(losses[:100])), "loss_last100": float(np.mean(losses[-100:])),
             "seconds": round(time.time() - t0, 1), "losses": [round(v, 5) for v in losses]}
+
+
+PROBE_TIMESTEPS = (50, 200, 500, 800, 950)
+
+
+@torch.no_grad()
+def x0_error_by_noise(model, clip, vae, scenes: list, timesteps: tuple[int, ...] = PROBE_TIMESTEPS,
+                      seed: int = 0) -> dict[str, float]:
+    """For each timestep t: the UNet's x0 error on ``scenes`` noised to t (x0 = (z_t - sqrt(1-a) eps) / sqrt(a)),
+    as a fraction of what predicting each latent channel's mean over the scenes would score. Above 1 at high
+    t, the first sampling steps commit to a worse layout than no layout at all (samples become texture)."""
+    unet = model.model.diffusion_model
+    lf = model.model.latent_format
+    z0 = lf.process_in(encode_scenes(vae, np.stack([s.image for s in scenes])))
+    text = _encode_captions(clip, [s.caption for s in scenes])
+    ctx = torch.stack([text[s.caption] for s in scenes])
+    ac = _alphas_cumprod(model)
+    mean_err = float((z0 - z0.mean((0, 2, 3), keepdim=True)).pow(2).mean())
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=gen)
+        a = ac[t]
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        eps = unet(z_t, timesteps=torch.full((len(z0),), float(t)), context=ctx)
+        x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        out[str(t)] = round(float((x0 - z0).pow(2).mean()) / mean_err, 4)
+    return out
 
 
 @torch.no_grad()
@@ -329,8 +377,10 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
 
     samples = sample_base(model, clip, vae, [s.caption for s in _scene_pool(world, 8, cfg, start=3_000_000)],
                           cfg.size, seed=cfg.seed)
+    probe = x0_error_by_noise(model, clip, vae, _scene_pool(world, 32, cfg, start=2_000_000), seed=cfg.seed)
+    log(f"world UNet x0 error vs the latent mean, by timestep: {probe}")
     meta = {"config": asdict(cfg), "vae": vae_stats,
-            "unet": {k: v for k, v in unet_stats.items() if k != "losses"},
+            "unet": {**{k: v for k, v in unet_stats.items() if k != "losses"}, "x0_error_vs_mean": probe},
             "seconds": round(time.time() - t_start, 1)}
     unet_sd = model.model.diffusion_model.state_dict()
     _save(_checkpoint_dict(unet_sd, clip_sd, vae_module.state_dict()), path,

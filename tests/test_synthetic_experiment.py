@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from instantfamily_nodes.synthetic.base import PROBE_TIMESTEPS, BaseConfig
 from instantfamily_nodes.synthetic.experiment import ExperimentConfig, run_experiment
 
 # Small enough for CI: 64 px scenes (8 x 8 latents), 12 identities, 1-2 people measured.
@@ -41,8 +42,13 @@ def experiment(comfyui, tmp_path_factory):
 def test_world_base_learned_to_encode_and_draw(experiment):
     out, data = experiment
     base = data["base"]
-    # the UNet's eps-MSE must fall well below its start (~1.0 for unit-variance noise)
+    # the UNet's (noise-weighted) eps-MSE must fall well below its start (~1.0 for unit-variance noise)
     assert base["unet"]["loss_last100"] < 0.8 * base["unet"]["loss_first100"], base["unet"]
+    # the high-noise probe is recorded for every probed timestep, and x0 error grows with the noise
+    probe = base["unet"]["x0_error_vs_mean"]
+    assert list(probe) == [str(t) for t in PROBE_TIMESTEPS], probe
+    values = [probe[str(t)] for t in PROBE_TIMESTEPS]
+    assert all(np.isfinite(v) and v > 0 for v in values) and values == sorted(values), probe
     # the VAE reconstructs held-out scenes clearly better than each scene's own mean colour would
     assert base["vae"]["psnr"] > base["vae"]["flat_psnr"] + 2.0, base["vae"]
     assert (out / "base" / "world_base_samples.png").is_file()
@@ -61,13 +67,20 @@ model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config({data['experiment'][
                                                            output_clip=True)
 cfg = model.model.model_config
 z = vae.encode(torch.rand(1, 64, 64, 3))
+from instantfamily_nodes.synthetic.world import World, world_fits
+people = [n for n in {list(BaseConfig.people)!r} if world_fits(n, 64)]
+scenes = World({CI.identities}, 0).scenes(16, (64, 64), "test", people=people)
+px = torch.stack([torch.from_numpy(s.image) for s in scenes]).float() / 255.0
+zs = model.model.latent_format.process_in(vae.encode(px))
 print(json.dumps({{"sd15": isinstance(cfg, comfy.supported_models.SD15), "world": getattr(cfg, "instantfamily_world", False),
                   "inpaint": cfg.inpaint_model(), "channels": model.model.latent_format.latent_channels,
-                  "latent": list(z.shape)}}))
+                  "latent": list(z.shape), "latent_std": float(zs.std())}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
+    # the VAE's scale/shift give world scenes latents of std BaseConfig.latent_std, measured on other scenes
+    assert 0.75 * BaseConfig.latent_std < got.pop("latent_std") < 1.25 * BaseConfig.latent_std
     assert got == {"sd15": True, "world": True, "inpaint": False, "channels": 16, "latent": [1, 16, 8, 8]}
 
 

@@ -1,0 +1,43 @@
+"""The world base's UNet loss (synthetic/base.py), against a float64 hand computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instantfamily_nodes.synthetic.base import noise_weighted_eps_mse
+
+
+def _reference(eps, noise, alpha_bar, cap):
+    out_num, out_den = 0.0, 0.0
+    for i in range(eps.shape[0]):
+        a = float(alpha_bar[i])
+        w = min(max((1 - a) / a, 1.0), max(cap, 1.0))
+        mse = float(((eps[i].double() - noise[i].double()) ** 2).mean())
+        out_num += w * mse
+        out_den += w
+    return out_num / out_den
+
+
+@pytest.mark.parametrize("cap", [1.0, 10.0, 1000.0])
+def test_noise_weighted_eps_mse_matches_hand_computation(cap):
+    g = torch.Generator().manual_seed(0)
+    eps, noise = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    # low noise (weight floored at 1), mid, high (1/SNR = 99: capped at 10, not at 1000)
+    alpha_bar = torch.tensor([0.9, 0.5, 0.2, 0.01])
+    got = float(noise_weighted_eps_mse(eps, noise, alpha_bar, cap))
+    assert got == pytest.approx(_reference(eps, noise, alpha_bar, cap), rel=1e-5)
+
+
+def test_cap_one_is_the_plain_mse_and_high_noise_weighs_more():
+    g = torch.Generator().manual_seed(1)
+    eps, noise = torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 2, 4, 4, generator=g)
+    alpha_bar = torch.tensor([0.9, 0.01])
+    plain = float(torch.nn.functional.mse_loss(eps, noise))
+    assert float(noise_weighted_eps_mse(eps, noise, alpha_bar, 1.0)) == pytest.approx(plain, rel=1e-6)
+    # an error only on the high-noise sample counts 10x more than the same error on the low-noise one
+    e_hi, e_lo = noise.clone(), noise.clone()
+    e_hi[1] += 1.0
+    e_lo[0] += 1.0
+    hi = float(noise_weighted_eps_mse(e_hi, noise, alpha_bar, 10.0))
+    lo = float(noise_weighted_eps_mse(e_lo, noise, alpha_bar, 10.0))
+    assert hi == pytest.approx(10 * lo, rel=1e-6)
