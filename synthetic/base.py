@@ -54,7 +54,7 @@ class BaseConfig:
     vae_lr: float = 1e-3
     vae_scenes: int = 400           # scenes the crops are cut from
     latent_std: float = 1.0         # std of the encoded latents (vae_scale / vae_shift); see train_vae
-    unet_steps: int = 1500
+    unet_steps: int = 3500
     unet_batch: int = 16
     unet_lr: float = 5e-4
     unet_warmup: int = 100

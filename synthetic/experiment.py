@@ -49,7 +49,7 @@ class ExperimentConfig:
     identities: int = 24
     seed: int = 0
     base_vae_steps: int = 1500
-    base_unet_steps: int = 1500
+    base_unet_steps: int = 3500
     recognizer_steps: int = 600
     recognizer_train_size: int = 12000
     base_unet_scenes: int = 3000
