@@ -123,7 +123,8 @@ def _face_biased_crops(images: np.ndarray, boxes: list[np.ndarray], crop: int, c
 
 def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger.info) -> tuple[torch.nn.Module, dict]:
     """ComfyUI's TAESD (16 latent channels) trained as an autoencoder on world crops; returns it with
-    ``vae_scale`` / ``vae_shift`` set for zero-mean latents of std ``cfg.latent_std``, and its held-out reconstruction numbers."""
+    ``vae_scale`` / ``vae_shift`` set for zero-mean latents of std ``cfg.latent_std``, and its held-out
+    reconstruction numbers."""
     import comfy.taesd.taesd
 
     from ..demo.tiny import WORLD_LATENT_CHANNELS, init_weights
