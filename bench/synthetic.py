@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=8, help="scenes per N")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
+    ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale (the negative has null IDs: scales identity)")
     ap.add_argument("--identities", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path("~/.cache/instantfamily_nodes/world").expanduser()))
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                    scene.image]
             for v in variants:
                 prompt = world_prompt(refs, str(pose_file), scene.hw, scene.caption, names, unmasked=(v in ("unmasked", "trained_unmasked")),
-                                      second_model=(v == "trained_unmasked"), steps=args.steps, seed=args.seed + k)
+                                      second_model=(v == "trained_unmasked"), steps=args.steps, seed=args.seed + k,
+                                      cfg=args.cfg)
                 res = run_prompt(prompt)
                 img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
                 score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores[v][n])
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / f"synthetic{'-plumbing' if args.plumbing else ''}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"summary": summary, "untrained": bool(args.plumbing), "models": names, "recognizer": pack_meta,
-            "scenes_per_n": args.scenes, "size": args.size, "steps": args.steps, "machine": machine("cpu"),
+            "scenes_per_n": args.scenes, "size": args.size, "steps": args.steps, "cfg": args.cfg, "machine": machine("cpu"),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "per_position": {v: {str(n): {"asked": scores[v][n].asked, "found": scores[v][n].found_among_n}
                                  for n in ns} for v in scores}}

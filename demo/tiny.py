@@ -129,6 +129,13 @@ def register_tiny_model_type() -> type:
                        "channel_mult": UNET_CONFIG["channel_mult"]}
         unet_extra_config = dict(UNET_EXTRA)
 
+        def model_type(self, state_dict, prefix=""):
+            import comfy.model_base
+
+            # ComfyUI's own mark (model_base writes it when it saves a v model): a top-level "v_pred" key
+            v = "v_pred" in state_dict
+            return comfy.model_base.ModelType.V_PREDICTION if v else comfy.model_base.ModelType.EPS
+
         def clip_target(self, state_dict={}):
             import comfy.sd1_clip
 

@@ -61,7 +61,8 @@ def _base(args: argparse.Namespace) -> int:
     import_comfy(args.comfyui)
     cfg = BaseConfig(size=args.size, identities=args.identities, seed=args.seed, vae_steps=args.vae_steps,
                      unet_steps=args.unet_steps, unet_scenes=args.unet_scenes, threads=args.threads,
-                     unet_noise_weight_cap=args.unet_noise_weight_cap, latent_std=args.latent_std)
+                     unet_noise_weight_cap=args.unet_noise_weight_cap, latent_std=args.latent_std,
+                     prediction=args.prediction)
     print(json.dumps({"checkpoint": str(build_world_base(args.out, cfg))}))
     return 0
 
@@ -72,8 +73,10 @@ def _experiment(args: argparse.Namespace) -> int:
     cfg = ExperimentConfig(base=args.base, scenes=args.scenes, people=args.people, size=args.size, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, face_loss_weight=args.face_loss_weight,
                            ns=args.ns, bench_scenes=args.bench_scenes, sample_steps=args.sample_steps,
+                           sample_cfg=args.sample_cfg,
                            identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,
-                           base_unet_steps=args.base_unet_steps, recognizer_steps=args.recognizer_steps,
+                           base_unet_steps=args.base_unet_steps, base_prediction=args.base_prediction,
+                           recognizer_steps=args.recognizer_steps,
                            unmasked_baseline=not args.no_unmasked)
     path = run_experiment(args.out, cfg, comfyui=args.comfyui, force=args.force)
     print(f"results: {path}")
@@ -81,6 +84,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..train.prediction import PREDICTIONS
     from .base import BaseConfig as BaseDefaults
     from .experiment import ExperimentConfig as ExperimentDefaults
 
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="UNet loss weight 1/SNR is capped here (1: plain eps-MSE)")
     b.add_argument("--latent-std", type=float, default=BaseDefaults.latent_std,
                    help="std of the VAE's latents (above 1: more signal at each noise level)")
+    b.add_argument("--prediction", choices=PREDICTIONS, default=BaseDefaults.prediction,
+                   help="what the UNet predicts: eps (SD1.5) or v (better at high noise for a small UNet)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     b.add_argument("--comfyui", default=None)
     b.set_defaults(func=_base)
@@ -146,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ns", default=d.ns)
     e.add_argument("--bench-scenes", type=int, default=d.bench_scenes)
     e.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    e.add_argument("--sample-cfg", type=float, default=d.sample_cfg, help="the bench's guidance scale (the negative "
+                                                                          "has null IDs, so it scales identity too)")
     e.add_argument("--identities", type=int, default=d.identities)
     e.add_argument("--seed", type=int, default=d.seed)
     e.add_argument("--base-vae-steps", type=int, default=d.base_vae_steps)
     e.add_argument("--base-unet-steps", type=int, default=d.base_unet_steps)
+    e.add_argument("--base-prediction", choices=PREDICTIONS, default=d.base_prediction,
+                   help="what the world base's UNet predicts (eps or v)")
     e.add_argument("--recognizer-steps", type=int, default=d.recognizer_steps)
     e.add_argument("--no-unmasked", action="store_true", help="skip the model trained without masks")
     e.add_argument("--comfyui", default=None)

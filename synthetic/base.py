@@ -9,8 +9,9 @@ cross-attention layers and context width 768, the tiny CLIP, a TAESD VAE) with t
   2 x 2.5 latent pixels of 4 numbers: too few to carry an identity; 16 channels carry it. Its
   ``vae_scale`` / ``vae_shift`` are set so that latents are zero-mean with std ``latent_std`` (1, like
   SD1.5's; latent scale 1).
-- **UNet**: trained from scratch (eps-prediction, SD1.5's noise schedule; optionally eps-MSE weighted
-  towards high noise: :func:`noise_weighted_eps_mse`) on world scenes of 1-7 people
+- **UNet**: trained from scratch (SD1.5's noise schedule; eps-prediction like SD1.5, optionally eps-MSE
+  weighted towards high noise: :func:`noise_weighted_eps_mse`, or v-prediction, marked in the checkpoint
+  the way ComfyUI marks v models: ``prediction``) on world scenes of 1-7 people
   with their captions through the tiny CLIP (random, frozen: it only has to tell captions apart), caption
   dropout for classifier-free guidance. It learns to draw scenes, bodies and faces, but no particular
   identity: which face appears where is left to chance, exactly the gap InstantFamily fills.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..train.prediction import PREDICTIONS, eps_and_x0, prediction_of, training_target
 from .world import World, world_fits
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class BaseConfig:
     unet_scenes: int = 3000         # latent pool the UNet trains on
     text_dropout: float = 0.1
     unet_noise_weight_cap: float = 1.0    # eps-MSE weight 1/SNR (x0 error scale), floored at 1, capped here; 1 = plain
+    prediction: str = "eps"         # what the UNet predicts: "eps" (SD1.5) or "v" (train/prediction.py)
     threads: int = 0                # 0 = torch's default
 
 
@@ -178,6 +181,14 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
 
 # ---------------------------------------------------------------- UNet
 
+def _check_config(cfg: BaseConfig) -> None:
+    if cfg.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: {cfg.prediction!r}; use one of {PREDICTIONS}")
+    if cfg.prediction == "v" and cfg.unet_noise_weight_cap > 1:
+        raise ValueError("unet_noise_weight_cap: weights the eps-MSE only (v-MSE already weighs high noise); "
+                         "leave it at 1 with prediction 'v'")
+
+
 def _alphas_cumprod(model) -> torch.Tensor:
     sigmas = model.get_model_object("model_sampling").sigmas.detach().to(torch.float64).cpu()
     return (1.0 / (1.0 + sigmas ** 2)).to(torch.float32)
@@ -217,7 +228,8 @@ def noise_weighted_eps_mse(eps: torch.Tensor, noise: torch.Tensor, alpha_bar: to
 
 def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
                log: Callable[[str], None] = logger.info) -> dict:
-    """eps-prediction training of ``model``'s UNet in place on world scene latents; returns the loss log."""
+    """Training of ``model``'s UNet in place on world scene latents, on the target of the model type
+    ComfyUI loaded (eps or v); returns the loss log."""
     unet = model.model.diffusion_model
     latent_format = model.model.latent_format
     scenes = _scene_pool(world, cfg.unet_scenes, cfg, start=0)
@@ -230,6 +242,7 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
     log(f"world UNet: {len(scenes)} scenes encoded in {time.time() - t0:.0f} s, latents {tuple(z0_all.shape[1:])}, "
         f"std {float(z0_all.std()):.3f}")
     ac = _alphas_cumprod(model)
+    prediction = prediction_of(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     unet.train().requires_grad_(True)
     params = [p for p in unet.parameters()]
@@ -247,8 +260,9 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
         noise = torch.randn(z0.shape, generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        eps = unet(z_t, timesteps=t.float(), context=ctx)
-        loss = noise_weighted_eps_mse(eps, noise, a.view(-1), cfg.unet_noise_weight_cap)
+        out = unet(z_t, timesteps=t.float(), context=ctx)
+        loss = noise_weighted_eps_mse(out, training_target(prediction, z0, noise, a), a.view(-1),
+                                      cfg.unet_noise_weight_cap)
         _optimizer_step(loss, opt, sched, params, f"world UNet step {step + 1}", "unet_lr")
         losses.append(loss.item())
         if step % 100 == 0 or step == cfg.unet_steps - 1:
@@ -265,7 +279,7 @@ PROBE_TIMESTEPS = (50, 200, 500, 800, 950)
 @torch.no_grad()
 def x0_error_by_noise(model, clip, vae, scenes: list, timesteps: tuple[int, ...] = PROBE_TIMESTEPS,
                       seed: int = 0) -> dict[str, float]:
-    """For each timestep t: the UNet's x0 error on ``scenes`` noised to t (x0 = (z_t - sqrt(1-a) eps) / sqrt(a)),
+    """For each timestep t: the UNet's x0 error on ``scenes`` noised to t (x0 from its output: eps or v),
     as a fraction of what predicting each latent channel's mean over the scenes would score. Above 1 at high
     t, the first sampling steps commit to a worse layout than no layout at all (samples become texture)."""
     unet = model.model.diffusion_model
@@ -274,6 +288,7 @@ def x0_error_by_noise(model, clip, vae, scenes: list, timesteps: tuple[int, ...]
     text = _encode_captions(clip, [s.caption for s in scenes])
     ctx = torch.stack([text[s.caption] for s in scenes])
     ac = _alphas_cumprod(model)
+    prediction = prediction_of(model)
     mean_err = float((z0 - z0.mean((0, 2, 3), keepdim=True)).pow(2).mean())
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -281,8 +296,8 @@ def x0_error_by_noise(model, clip, vae, scenes: list, timesteps: tuple[int, ...]
         noise = torch.randn(z0.shape, generator=gen)
         a = ac[t]
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        eps = unet(z_t, timesteps=torch.full((len(z0),), float(t)), context=ctx)
-        x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        out_t = unet(z_t, timesteps=torch.full((len(z0),), float(t)), context=ctx)
+        _, x0 = eps_and_x0(prediction, out_t, z_t, a)
         out[str(t)] = round(float((x0 - z0).pow(2).mean()) / mean_err, 4)
     return out
 
@@ -294,6 +309,7 @@ def sample_base(model, clip, vae, captions: list[str], size: int, steps: int = 2
     unet = model.model.diffusion_model
     lf = model.model.latent_format
     ac = _alphas_cumprod(model)
+    prediction = prediction_of(model)
     text = _encode_captions(clip, captions + [""])
     cond = torch.stack([text[c] for c in captions])
     uncond = text[""].expand_as(cond)
@@ -301,12 +317,11 @@ def sample_base(model, clip, vae, captions: list[str], size: int, steps: int = 2
     x = torch.randn((len(captions), lf.latent_channels, size // 8, size // 8), generator=gen)
     ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
     for i, t in enumerate(ts):
-        eps = unet(torch.cat([x, x]), timesteps=t.float().repeat(2 * len(x)), context=torch.cat([cond, uncond]))
-        e_c, e_u = eps.chunk(2)
-        e = e_u + cfg_scale * (e_c - e_u)
+        out = unet(torch.cat([x, x]), timesteps=t.float().repeat(2 * len(x)), context=torch.cat([cond, uncond]))
+        o_c, o_u = out.chunk(2)
         a = ac[t]
         a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        e, x0 = eps_and_x0(prediction, o_u + cfg_scale * (o_c - o_u), x, a)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
     img = vae.decode(lf.process_out(x)).clamp(0, 1)     # ComfyUI's VAE: (B, H, W, 3)
     return (img.float().cpu().numpy() * 255).round().astype(np.uint8)
@@ -314,8 +329,10 @@ def sample_base(model, clip, vae, captions: list[str], size: int, steps: int = 2
 
 # ---------------------------------------------------------------- the checkpoint
 
-def _checkpoint_dict(unet_sd: dict, clip_sd: dict, vae_sd: dict) -> dict[str, torch.Tensor]:
+def _checkpoint_dict(unet_sd: dict, clip_sd: dict, vae_sd: dict, prediction: str) -> dict[str, torch.Tensor]:
     sd = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
+    if prediction == "v":
+        sd["v_pred"] = torch.tensor([])    # ComfyUI's mark of a v-prediction checkpoint
     sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items()})
     sd.update({f"first_stage_model.{k}": v for k, v in vae_sd.items()})
     return sd
@@ -347,6 +364,7 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     )
 
     cfg = cfg or BaseConfig()
+    _check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     register_tiny_model_type()
@@ -365,7 +383,7 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     clip_sd = clip_state_dict(cfg.seed + 2)
     # Through ComfyUI's own loader: the latents and caption encodings the UNet trains on are exactly
     # what the trainer and the nodes will compute from the written file.
-    start = _checkpoint_dict(unet0.state_dict(), clip_sd, vae_module.state_dict())
+    start = _checkpoint_dict(unet0.state_dict(), clip_sd, vae_module.state_dict(), cfg.prediction)
     del unet0
     staging = root / "checkpoints" / (WORLD_CHECKPOINT + ".staging.safetensors")
     _save(start, staging, {"instantfamily_tiny": FORMAT_TAG, "what": "world base (untrained UNet)"})
@@ -374,6 +392,8 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     staging.unlink()
     if model.model.latent_format.latent_channels != WORLD_LATENT_CHANNELS:
         raise RuntimeError("world base: ComfyUI did not pick the world model type; register_tiny_model_type failed")
+    if prediction_of(model) != cfg.prediction:
+        raise RuntimeError(f"world base: ComfyUI loaded a {prediction_of(model)} model, asked {cfg.prediction}")
     unet_stats = train_unet(model, clip, vae, world, cfg, log)
 
     samples = sample_base(model, clip, vae, [s.caption for s in _scene_pool(world, 8, cfg, start=3_000_000)],
@@ -384,7 +404,7 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
             "unet": {**{k: v for k, v in unet_stats.items() if k != "losses"}, "x0_error_vs_mean": probe},
             "seconds": round(time.time() - t_start, 1)}
     unet_sd = model.model.diffusion_model.state_dict()
-    _save(_checkpoint_dict(unet_sd, clip_sd, vae_module.state_dict()), path,
+    _save(_checkpoint_dict(unet_sd, clip_sd, vae_module.state_dict(), cfg.prediction), path,
           {"instantfamily_tiny": FORMAT_TAG, "what": "synthetic world base", "world_base": json.dumps(meta)})
     (root / "world_base.json").write_text(json.dumps({**meta, "unet_losses": unet_stats["losses"]}) + "\n")
     _write_samples(samples, unet_stats["losses"], root / "world_base_samples.png")

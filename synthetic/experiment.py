@@ -46,10 +46,12 @@ class ExperimentConfig:
     ns: str = "1,2,3,4,7"
     bench_scenes: int = 8            # per N
     sample_steps: int = 20
+    sample_cfg: float = 5.0          # the bench's guidance scale
     identities: int = 24
     seed: int = 0
     base_vae_steps: int = 1500
     base_unet_steps: int = 3500
+    base_prediction: str = "eps"     # the base UNet's target: "eps" (SD1.5) or "v"
     recognizer_steps: int = 600
     recognizer_train_size: int = 12000
     base_unet_scenes: int = 3000
@@ -135,7 +137,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
         clock.run("base", force or not Path(base).is_file(), lambda: _run(
             [py, "-m", "instantfamily_nodes.synthetic", "base", "--out", str(out / "base"), "--size", str(cfg.size),
              "--identities", str(cfg.identities), "--seed", str(cfg.seed), "--vae-steps", str(cfg.base_vae_steps),
-             "--unet-steps", str(cfg.base_unet_steps), "--unet-scenes", str(cfg.base_unet_scenes)] + comfy_args, env))
+             "--unet-steps", str(cfg.base_unet_steps), "--unet-scenes", str(cfg.base_unet_scenes),
+             "--prediction", cfg.base_prediction] + comfy_args, env))
     else:
         base = str(Path(cfg.base).resolve())
     models = out / "models"
@@ -173,8 +176,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
     results = out / ("synthetic-untrained-base.json" if untrained else "synthetic.json")
     cmd = [py, str(PACK_ROOT / "bench" / "synthetic.py"), "--checkpoint", base, "--weights", str(weights),
            "--controlnet", str(controlnet), "--ns", cfg.ns, "--scenes", str(cfg.bench_scenes), "--size",
-           str(cfg.size), "--steps", str(cfg.sample_steps), "--identities", str(cfg.identities), "--seed",
-           str(cfg.seed), "--cache", str(bench_cache), "--out", str(results)] + bench_extra + comfy_args
+           str(cfg.size), "--steps", str(cfg.sample_steps), "--cfg", str(cfg.sample_cfg), "--identities",
+           str(cfg.identities), "--seed", str(cfg.seed), "--cache", str(bench_cache), "--out", str(results)] + bench_extra + comfy_args
     # a resumed experiment adds its steps' seconds to the earlier run's (the bench is redone, not added)
     earlier = json.loads(results.read_text()).get("experiment", {}).get("seconds", {}) if results.is_file() else {}
     clock.run("bench", True, lambda: _run(cmd, env))

@@ -12,11 +12,13 @@ PACK = "synthetic_world"     # the world's face pack, as the Face Encoder Loader
 
 
 def world_prompt(refs: list[str], pose_file: str, hw: tuple[int, int], caption: str, names: dict[str, str],
-                 unmasked: bool = False, second_model: bool = False, steps: int = 20, seed: int = 0) -> dict:
+                 unmasked: bool = False, second_model: bool = False, steps: int = 20, seed: int = 0,
+                 cfg: float = 5.0) -> dict:
     """The API prompt: ``refs`` (input-folder image names, one portrait per person, ID order), the pose
     JSON at ``pose_file`` (normalised OpenPose keypoints, people left to right), the picture size ``hw``,
     the caption; ``names`` maps checkpoint / controlnet / weights (and *_unmasked) to loader names.
-    ``unmasked``: all-ones ID masks (stacking without masks); ``second_model``: the *_unmasked files.
+    ``unmasked``: all-ones ID masks (stacking without masks); ``second_model``: the *_unmasked files;
+    ``cfg``: the sampler's guidance scale (the negative carries null IDs, so it scales identity too).
     Node "20" saves the picture (prefix ``world/image``), node "21" the pose/ID-mask preview."""
     n = len(refs)
     h, w = hw
@@ -63,7 +65,7 @@ def world_prompt(refs: list[str], pose_file: str, hw: tuple[int, int], caption: 
                           "image": ["14", 0], "control_strength": 1.0}}
     p["18"] = {"class_type": "KSampler",
                "inputs": {"model": ["16", 0], "positive": ["16", 1], "negative": ["16", 2], "latent_image": ["17", 0],
-                          "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                          "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
                           "denoise": 1.0}}
     p["19"] = {"class_type": "VAEDecode", "inputs": {"samples": ["18", 0], "vae": ["1", 2]}}
     p["20"] = {"class_type": "SaveImage", "inputs": {"images": ["19", 0], "filename_prefix": "world/image"}}

@@ -41,3 +41,13 @@ def test_cap_one_is_the_plain_mse_and_high_noise_weighs_more():
     hi = float(noise_weighted_eps_mse(e_hi, noise, alpha_bar, 10.0))
     lo = float(noise_weighted_eps_mse(e_lo, noise, alpha_bar, 10.0))
     assert hi == pytest.approx(10 * lo, rel=1e-6)
+
+
+def test_base_config_refuses_unknown_predictions_and_eps_weights_with_v():
+    from instantfamily_nodes.synthetic.base import BaseConfig, _check_config
+
+    _check_config(BaseConfig(prediction="v"))
+    with pytest.raises(ValueError, match="prediction"):
+        _check_config(BaseConfig(prediction="x0"))
+    with pytest.raises(ValueError, match="unet_noise_weight_cap"):
+        _check_config(BaseConfig(prediction="v", unet_noise_weight_cap=10.0))

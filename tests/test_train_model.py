@@ -453,3 +453,42 @@ def test_face_loss_weight_weighs_the_noise_error_inside_the_id_masks(tiny, batch
     expected = (weight * err).sum() / weight.sum()
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
     assert float(loss) != pytest.approx(float(err.mean()), rel=1e-3)  # and it is not the plain MSE
+
+
+def test_a_v_prediction_checkpoint_trains_on_v(tiny, batch, tmp_path):
+    """A checkpoint ComfyUI loads as v-prediction (its top-level ``v_pred`` key) is trained on
+    v = sqrt(a) eps - sqrt(1-a) z0: the step's loss equals a float64 hand computation of that MSE from the
+    UNet output recorded in the real step, and is not the eps-MSE of the same output."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny.root / "checkpoints" / tiny.checkpoint
+    sd = load_file(str(src))
+    sd["v_pred"] = torch.tensor([])
+    v_path = tmp_path / "tiny_v.safetensors"
+    save_file(sd, str(v_path))
+    assert build(tiny).prediction == "eps"
+    from instantfamily_nodes.train.model import TrainModel
+
+    m = TrainModel.build(cfg_for(checkpoint=str(v_path)), manifest(), "cpu")
+    assert m.prediction == "v"
+    seen = {}
+    predict = m.predict_noise
+
+    def record(z_t, t, *args, **kwargs):
+        seen["z_t"], seen["t"] = z_t.detach().clone(), t.detach().clone()
+        seen["out"] = predict(z_t, t, *args, **kwargs)
+        return seen["out"]
+
+    m.predict_noise = record
+    with torch.no_grad():
+        loss = m.loss(batch, torch.Generator().manual_seed(4))
+        z0 = m.encode_latents(batch).double()
+    a = m.alphas_cumprod[seen["t"]].double().view(-1, 1, 1, 1)
+    noise = (seen["z_t"].double() - a.sqrt() * z0) / (1 - a).sqrt()
+    v = a.sqrt() * noise - (1 - a).sqrt() * z0
+    out = seen["out"].double()
+    assert float(loss) == pytest.approx(float(((out - v) ** 2).mean()), rel=1e-4)
+    assert float(loss) != pytest.approx(float(((out - noise) ** 2).mean()), rel=1e-2)
+    m.predict_noise = predict
+    img = m.sample(batch, steps=2, generator=torch.Generator().manual_seed(0))
+    assert img.shape == (batch.size, 3, R, R) and torch.isfinite(img).all()

@@ -44,7 +44,7 @@ class TrainConfig:
     mask_margin: float = 0.25           # face box + 25 % (sec. 4.2)
     mask_ids: bool = True               # false: every ID's tokens visible everywhere (the unmasked-stacking
                                         # baseline of the paper's ablation, for comparisons only)
-    face_loss_weight: float = 0.0       # eps-MSE weight inside the ID masks is 1 + this (0 = the paper's
+    face_loss_weight: float = 0.0       # MSE weight inside the ID masks is 1 + this (0 = the paper's
                                         # plain MSE; beyond the paper, train/loss.py)
     # --- optimisation
     lr_projection: float = 1e-5

@@ -1,6 +1,8 @@
-"""The diffusion losses a training step can use, all eps-MSE over latent pixels (eq. 3) with a weight.
+"""The diffusion losses a training step can use: the MSE between the UNet's output and its target over
+latent pixels (eq. 3; the target is the noise for SD1.5's eps-prediction, v for a v-prediction
+checkpoint: :mod:`.prediction`), with a weight.
 
-- :func:`eps_mse`: the paper's plain mean squared error, or with ``face_loss_weight`` w > 0 every latent
+- :func:`weighted_mse`: the paper's plain mean squared error, or with ``face_loss_weight`` w > 0 every latent
   pixel inside a present ID's mask (face box + margin) counted 1 + w times. Beyond the paper: faces are a
   small part of a picture (a 4-person 512 px group photo: ~5 % of the latent), and the ID projection learns
   only from the pixels its masked tokens reach, so weighting them spends more of each step on identity.
@@ -20,22 +22,22 @@ def foreground(batch, device) -> torch.Tensor:
     return m.amax(1, keepdim=True) if m.shape[1] else m.new_zeros(m.shape[0], 1, *m.shape[-2:])
 
 
-def masked_mse(eps: torch.Tensor, noise: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+def masked_mse(output: torch.Tensor, target: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     """MSE over the foreground latent pixels; the plain MSE when no sample has a foreground."""
-    m = F.interpolate(fg, size=eps.shape[-2:], mode="area")
-    denom = m.sum() * eps.shape[1]
+    m = F.interpolate(fg, size=output.shape[-2:], mode="area")
+    denom = m.sum() * output.shape[1]
     if float(denom) == 0:
-        return F.mse_loss(eps.float(), noise)
-    return (m * (eps.float() - noise) ** 2).sum() / denom
+        return F.mse_loss(output.float(), target)
+    return (m * (output.float() - target) ** 2).sum() / denom
 
 
-def eps_mse(eps: torch.Tensor, noise: torch.Tensor, fg: torch.Tensor | None = None,
-            face_loss_weight: float = 0.0) -> torch.Tensor:
-    """Weighted mean of (eps - noise)^2: weight 1 + ``face_loss_weight`` x mask (at latent size), normalised
-    by the weights' sum, so a batch without faces (or w = 0) gives exactly the plain MSE."""
+def weighted_mse(output: torch.Tensor, target: torch.Tensor, fg: torch.Tensor | None = None,
+                 face_loss_weight: float = 0.0) -> torch.Tensor:
+    """Weighted mean of (output - target)^2: weight 1 + ``face_loss_weight`` x mask (at latent size),
+    normalised by the weights' sum, so a batch without faces (or w = 0) gives exactly the plain MSE."""
     if face_loss_weight < 0:
         raise ValueError(f"face_loss_weight must be >= 0, got {face_loss_weight}")
     if face_loss_weight == 0 or fg is None:
-        return F.mse_loss(eps.float(), noise)
-    w = 1.0 + face_loss_weight * F.interpolate(fg.float(), size=eps.shape[-2:], mode="area")
-    return (w * (eps.float() - noise) ** 2).sum() / (w.sum() * eps.shape[1])
+        return F.mse_loss(output.float(), target)
+    w = 1.0 + face_loss_weight * F.interpolate(fg.float(), size=output.shape[-2:], mode="area")
+    return (w * (output.float() - target) ** 2).sum() / (w.sum() * output.shape[1])

@@ -122,9 +122,9 @@ class MoATraining(nn.Module):
     def load_state(self, sd: dict[str, torch.Tensor]) -> None:
         load_moa_state_dict(self.layers, sd, source="trainable state")
 
-    def loss(self, eps: torch.Tensor, noise: torch.Tensor, batch) -> torch.Tensor:
-        fg = foreground(batch, eps.device)
-        rec = masked_mse(eps, noise, fg) if self.settings.masked_loss else F.mse_loss(eps.float(), noise)
+    def loss(self, output: torch.Tensor, target: torch.Tensor, batch) -> torch.Tensor:
+        fg = foreground(batch, output.device)
+        rec = masked_mse(output, target, fg) if self.settings.masked_loss else F.mse_loss(output.float(), target)
         router = router_loss(self._record, fg)
         self.last = {"reconstruction": rec.detach(), "router": router.detach()}
         return rec + self.settings.router_weight * router

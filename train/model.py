@@ -16,7 +16,9 @@ What one step does (:meth:`TrainModel.loss`, eq. 3):
    with SD1.5's DDPM schedule (ComfyUI's model_sampling sigmas: a_t = 1 / (1 + sigma_t^2)).
 5. ControlNet(z_t, control image, t, K) inside ``binding_scope`` (cldm does not pass options down),
    its outputs in the dict layout ComfyUI's UNet consumes; UNet(z_t, t, K, control) with the binding
-   in transformer_options; loss = mean squared error between the predicted and the true noise.
+   in transformer_options; loss = mean squared error between the prediction and its target: the noise
+   for SD1.5 (eps-prediction), v = sqrt(a_t) eps - sqrt(1-a_t) z0 for a v-prediction checkpoint
+   (ComfyUI's model type, :mod:`.prediction`).
 
 Gradients reach the projection through the (frozen) masked cross-attention of both networks, and the
 ControlNet directly. The ControlNet starts from the UNet (ControlNet paper: encoder copied, zero
@@ -39,7 +41,8 @@ from ..attention.masks import IDMasks
 from ..models.projection import IDProjection, ProjectionConfig, stack_context
 from ..models.weights import WeightMeta
 from .batch import Batch
-from .loss import eps_mse, foreground
+from .loss import weighted_mse, foreground
+from .prediction import eps_and_x0, prediction_of, training_target
 from .shards import Manifest
 
 N_TRAIN_TIMESTEPS = 1000
@@ -230,7 +233,7 @@ class TrainModel(nn.Module):
 
     def __init__(self, cfg, meta: WeightMeta, projection: IDProjection, controlnet: nn.Module, unet: nn.Module,
                  alphas_cumprod: torch.Tensor, latent_scale, empty_text: torch.Tensor, clip=None, vae=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", prediction: str = "eps"):
         super().__init__()
         self.cfg = cfg
         self.meta = meta
@@ -243,6 +246,7 @@ class TrainModel(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
         self.register_buffer("empty_text", empty_text, persistent=False)
         self.device = torch.device(device)
+        self.prediction = prediction   # "eps" (SD1.5) or "v": the UNet's output, as ComfyUI samples it
         self._scope: dict | None = None
         self.moa = None  # MoA experts + routers in the UNet (train/moa.py) when cfg.moa
         self.projection.requires_grad_(bool(cfg.train_projection))
@@ -277,6 +281,10 @@ class TrainModel(nn.Module):
             torch.manual_seed(cfg.seed)
             projection = IDProjection(meta.projection_config)
 
+        try:
+            prediction = prediction_of(model)
+        except ValueError as e:
+            raise ModelSetupError(str(e)) from None
         sigmas = model.get_model_object("model_sampling").sigmas.detach().to(torch.float64).cpu()
         if sigmas.numel() != N_TRAIN_TIMESTEPS:
             raise ModelSetupError(f"checkpoint: {sigmas.numel()} training timesteps, SD1.5 has {N_TRAIN_TIMESTEPS}")
@@ -287,7 +295,7 @@ class TrainModel(nn.Module):
         unet.eval().requires_grad_(False)
         unet.to(device)
         self = cls(cfg, meta, projection, controlnet.to(device), unet, alphas_cumprod, model.model.latent_format,
-                   empty, clip=clip, vae=vae, device=device)
+                   empty, clip=clip, vae=vae, device=device, prediction=prediction)
         self.projection.to(device)
         self.to(device)
         if getattr(cfg, "moa", False):
@@ -412,7 +420,8 @@ class TrainModel(nn.Module):
     # ------------------------------------------------------------ the networks
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor,
                       binding: IdentityBinding) -> torch.Tensor:
-        """eps_theta(z_t, t, K, control): ControlNet then UNet, both running masked attention."""
+        """The UNet's output for (z_t, t, K, control) (eps_theta for SD1.5, v for a v-prediction
+        checkpoint): ControlNet then UNet, both running masked attention."""
         timesteps = t.to(z_t.dtype)
         options = {OPTIONS_KEY: binding}
         self._scope = options
@@ -435,7 +444,8 @@ class TrainModel(nn.Module):
         return self.unet(z_t, timesteps=timesteps, context=context, control=control, transformer_options=options)
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        """Scalar eps-MSE (eq. 3); timesteps and noise come from ``generator`` only."""
+        """Scalar MSE to the target (eq. 3; the noise for eps-prediction); timesteps and noise come from
+        ``generator`` only."""
         z0 = self.encode_latents(batch)
         b = z0.shape[0]
         text = self.encode_text(batch, batch.drop_text)
@@ -445,11 +455,12 @@ class TrainModel(nn.Module):
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with self._autocast():
             context, layout = stack_context(text, self.id_tokens(batch, batch.drop_ids).to(text.dtype))
-            eps = self.predict_noise(z_t, t, context, batch.control.to(self.device), self.binding(batch, layout))
+            out = self.predict_noise(z_t, t, context, batch.control.to(self.device), self.binding(batch, layout))
+        target = training_target(self.prediction, z0, noise, a)
         if self.moa is not None:
-            return self.moa.loss(eps, noise, batch)   # reconstruction (+ masked option) + router loss
+            return self.moa.loss(out, target, batch)   # reconstruction (+ masked option) + router loss
         w = float(getattr(self.cfg, "face_loss_weight", 0.0))
-        return eps_mse(eps, noise, foreground(batch, self.device) if w else None, w)
+        return weighted_mse(out, target, foreground(batch, self.device) if w else None, w)
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return self.loss(batch, generator)
@@ -485,13 +496,13 @@ class TrainModel(nn.Module):
         try:
             for i, t in enumerate(ts):
                 with self._autocast():
-                    eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * b).to(self.device), context, hint,
+                    out = self.predict_noise(torch.cat([x, x]), t.repeat(2 * b).to(self.device), context, hint,
                                              binding).float()
-                e_c, e_u = eps.chunk(2)
-                e = e_u + cfg_scale * (e_c - e_u)
+                o_c, o_u = out.chunk(2)
                 a = ac[t]
                 a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=ac.device)
-                x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+                # guidance is linear, so mixing the outputs equals mixing the eps they imply
+                e, x0 = eps_and_x0(self.prediction, o_u + cfg_scale * (o_c - o_u), x, a)
                 x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
         finally:
             self.train(was_training)
