@@ -63,7 +63,7 @@ class BaseConfig:
     unet_scenes: int = 3000         # latent pool the UNet trains on
     text_dropout: float = 0.1
     unet_noise_weight_cap: float = 1.0    # eps-MSE weight 1/SNR (x0 error scale), floored at 1, capped here; 1 = plain
-    prediction: str = "eps"         # what the UNet predicts: "eps" (SD1.5) or "v" (train/prediction.py)
+    prediction: str = "v"           # what the UNet predicts: "v" or "eps" (SD1.5's; worse here: README)
     threads: int = 0                # 0 = torch's default
 
 

@@ -44,14 +44,14 @@ class ExperimentConfig:
     lr: float = 3e-4                 # projection and ControlNet
     face_loss_weight: float = 3.0    # train fit's face_loss_weight (both fits); 0 = the paper's plain MSE
     ns: str = "1,2,3,4,7"
-    bench_scenes: int = 8            # per N
+    bench_scenes: int = 16           # per N
     sample_steps: int = 20
     sample_cfg: float = 5.0          # the bench's guidance scale
     identities: int = 24
     seed: int = 0
     base_vae_steps: int = 1500
     base_unet_steps: int = 3500
-    base_prediction: str = "eps"     # the base UNet's target: "eps" (SD1.5) or "v"
+    base_prediction: str = "v"       # the base UNet's target: "v" or "eps" (SD1.5's; worse here: README)
     recognizer_steps: int = 600
     recognizer_train_size: int = 12000
     base_unet_scenes: int = 3000
@@ -112,6 +112,23 @@ def _trained_steps(run: Path) -> int:
     return max(steps, default=0)
 
 
+def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to reuse a world base built with other settings than ``cfg`` asks (a rerun after a change of
+    ``--base-prediction`` would otherwise fit on the old base and report it as the new one)."""
+    if not base_json.is_file():
+        return
+    built = json.loads(base_json.read_text()).get("config", {})
+    asked = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
+             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction}
+    # bases written before the prediction setting existed are eps-prediction
+    differ = {k: (built.get(k, "eps" if k == "prediction" else None), v) for k, v in asked.items()
+              if built.get(k, "eps" if k == "prediction" else None) != v}
+    if differ:
+        what = ", ".join(f"{k}: built {b!r}, asked {a!r}" for k, (b, a) in differ.items())
+        raise ValueError(f"{base_json.parent}: the world base there was built with other settings ({what}); "
+                         "use another --out, or --force to rebuild everything")
+
+
 def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str | None = None,
                    force: bool = False) -> Path:
     """Run (or resume) the experiment in ``out``; returns the bench results JSON."""
@@ -134,6 +151,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
         from .base import WORLD_CHECKPOINT
 
         base = str(out / "base" / "checkpoints" / WORLD_CHECKPOINT)
+        if not force:
+            check_existing_base(out / "base" / "world_base.json", cfg)
         clock.run("base", force or not Path(base).is_file(), lambda: _run(
             [py, "-m", "instantfamily_nodes.synthetic", "base", "--out", str(out / "base"), "--size", str(cfg.size),
              "--identities", str(cfg.identities), "--seed", str(cfg.seed), "--vae-steps", str(cfg.base_vae_steps),

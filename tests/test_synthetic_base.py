@@ -51,3 +51,25 @@ def test_base_config_refuses_unknown_predictions_and_eps_weights_with_v():
         _check_config(BaseConfig(prediction="x0"))
     with pytest.raises(ValueError, match="unet_noise_weight_cap"):
         _check_config(BaseConfig(prediction="v", unet_noise_weight_cap=10.0))
+
+
+def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
+    import json
+
+    from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_base
+
+    cfg = ExperimentConfig()
+    built = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
+             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction}
+    path = tmp_path / "world_base.json"
+    check_existing_base(path, cfg)                       # nothing built yet: nothing to check
+    path.write_text(json.dumps({"config": built}))
+    check_existing_base(path, cfg)
+    path.write_text(json.dumps({"config": {**built, "unet_steps": 1500}}))
+    with pytest.raises(ValueError, match="unet_steps: built 1500, asked 3500"):
+        check_existing_base(path, cfg)
+    # a base from before the prediction setting is eps: refused when v is asked
+    path.write_text(json.dumps({"config": {k: v for k, v in built.items() if k != "prediction"}}))
+    with pytest.raises(ValueError, match="prediction: built 'eps', asked 'v'"):
+        check_existing_base(path, ExperimentConfig(base_prediction="v"))
+    check_existing_base(path, ExperimentConfig(base_prediction="eps"))

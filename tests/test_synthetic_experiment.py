@@ -42,7 +42,7 @@ def experiment(comfyui, tmp_path_factory):
 def test_world_base_learned_to_encode_and_draw(experiment):
     out, data = experiment
     base = data["base"]
-    # the UNet's (noise-weighted) eps-MSE must fall well below its start (~1.0 for unit-variance noise)
+    # the UNet's loss (v-MSE by default) must fall well below its start (~1.0 for unit-variance latents)
     assert base["unet"]["loss_last100"] < 0.8 * base["unet"]["loss_first100"], base["unet"]
     # the high-noise probe is recorded for every probed timestep, and x0 error grows with the noise
     probe = base["unet"]["x0_error_vs_mean"]
@@ -73,6 +73,7 @@ scenes = World({CI.identities}, 0).scenes(16, (64, 64), "test", people=people)
 px = torch.stack([torch.from_numpy(s.image) for s in scenes]).float() / 255.0
 zs = model.model.latent_format.process_in(vae.encode(px))
 print(json.dumps({{"sd15": isinstance(cfg, comfy.supported_models.SD15), "world": getattr(cfg, "instantfamily_world", False),
+                  "model_type": model.model.model_type.name,
                   "inpaint": cfg.inpaint_model(), "channels": model.model.latent_format.latent_channels,
                   "latent": list(z.shape), "latent_std": float(zs.std())}}))
 """
@@ -81,7 +82,10 @@ print(json.dumps({{"sd15": isinstance(cfg, comfy.supported_models.SD15), "world"
     got = json.loads(res.stdout.strip().splitlines()[-1])
     # the VAE's scale/shift give world scenes latents of std BaseConfig.latent_std, measured on other scenes
     assert 0.75 * BaseConfig.latent_std < got.pop("latent_std") < 1.25 * BaseConfig.latent_std
-    assert got == {"sd15": True, "world": True, "inpaint": False, "channels": 16, "latent": [1, 16, 8, 8]}
+    # the base is v-prediction (CI's default) and ComfyUI reads it so from the checkpoint's v_pred mark
+    assert CI.base_prediction == "v"
+    assert got == {"sd15": True, "world": True, "model_type": "V_PREDICTION", "inpaint": False, "channels": 16,
+                   "latent": [1, 16, 8, 8]}
 
 
 def test_bench_scored_every_asked_place_for_every_variant(experiment):

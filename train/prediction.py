@@ -6,9 +6,9 @@ SD1.5 predicts the noise (``"eps"``); SD2.x-768 and v-prediction fine-tunes pred
 top-level ``v_pred`` key marks v); the trainer and the synthetic world's base read it from there, so a
 model is trained on the target it is sampled with.
 
-At high noise, eps-prediction turns a small output error into an x0 error ``sqrt((1-a)/a)`` times larger
-(x12 at t = 950 on SD1.5's schedule); v-prediction's x0 error stays at the output error's scale, which is
-why small or briefly trained models sample better with it.
+At high noise, eps-prediction turns a small output error into an x0 error ``sqrt((1-a)/a)`` times
+larger (x11 at t = 950, x15 at t = 999 on SD1.5's schedule); v-prediction's x0 error stays at the output
+error's scale, which is why small or briefly trained models sample better with it.
 """
 from __future__ import annotations
 
