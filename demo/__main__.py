@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Done in {time.perf_counter() - t0:.1f} s. Wrote:\n" + "\n".join(f"  {p}" for p in written))
                 return 0
             print("No model trained on the synthetic world either; for a picture from a trained model train it "
-                  f"once (about an hour on 2 CPU cores):\n  {world_demo.TRAIN_COMMAND}")
+                  f"once (about 1.5 hours on 2 CPU cores):\n  {world_demo.TRAIN_COMMAND}")
         use_tiny = bool(missing)
         if use_tiny:
             from . import tiny

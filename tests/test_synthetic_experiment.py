@@ -8,7 +8,7 @@ executor, and the demo's world mode on the result.
 What this size can and cannot show: the base learns (its loss falls, its VAE beats a flat picture), the
 files load as a 16-channel SD1.5-type model, and every step runs through the real commands. It does NOT
 show identity above chance: measured here, a 5.7-minute version of it (VAE 250, UNet 300, fit 300 steps
-at 64 px) still scored chance (N = 2: 0.42 masked); identity needs the full experiment (46-88 min on a
+at 64 px) still scored chance (N = 2: 0.42 masked); identity needs the full experiment (93 min on a
 2-core VM, README, bench/results/synthetic-cpu*.json). No accuracy threshold is asserted here for that reason.
 """
 from __future__ import annotations
@@ -44,11 +44,13 @@ def test_world_base_learned_to_encode_and_draw(experiment):
     base = data["base"]
     # the UNet's loss (v-MSE by default) must fall well below its start (~1.0 for unit-variance latents)
     assert base["unet"]["loss_last100"] < 0.8 * base["unet"]["loss_first100"], base["unet"]
-    # the high-noise probe is recorded for every probed timestep, and x0 error grows with the noise
+    # the x0 probe is recorded for every probed timestep, is smallest at the lowest noise, and (what the v
+    # base is for) beats predicting the latent mean at every noise level, the highest included
     probe = base["unet"]["x0_error_vs_mean"]
     assert list(probe) == [str(t) for t in PROBE_TIMESTEPS], probe
     values = [probe[str(t)] for t in PROBE_TIMESTEPS]
-    assert all(np.isfinite(v) and v > 0 for v in values) and values == sorted(values), probe
+    assert all(np.isfinite(v) and v > 0 for v in values) and values[0] == min(values), probe
+    assert max(values) < 1.0, probe
     # the VAE reconstructs held-out scenes clearly better than each scene's own mean colour would
     assert base["vae"]["psnr"] > base["vae"]["flat_psnr"] + 2.0, base["vae"]
     assert (out / "base" / "world_base_samples.png").is_file()

@@ -424,25 +424,35 @@ def test_cached_latents_and_text_give_the_same_loss_as_encoding_on_the_fly(model
     torch.testing.assert_close(model.encode_latents(cached), raw * 0.18215)
 
 
-def test_face_loss_weight_weighs_the_noise_error_inside_the_id_masks(tiny, batch):
-    """The step's loss with face_loss_weight = 3 equals a float64 hand computation on the noise it
-    predicted (recorded from the real predict_noise): latent pixels inside a present ID's mask count 4x."""
-    m = build(tiny, face_loss_weight=3.0)
+def _step_recorded(m, batch, seed: int = 4):
+    """One real loss step of ``m`` with its UNet output recorded: (loss, output, z0, noise, a_t), all but the
+    loss in float64; the noise is recovered from the recorded z_t, independently of the loss code."""
     seen = {}
     predict = m.predict_noise
 
     def record(z_t, t, *args, **kwargs):
         seen["z_t"], seen["t"] = z_t.detach().clone(), t.detach().clone()
-        seen["eps"] = predict(z_t, t, *args, **kwargs)
-        return seen["eps"]
+        seen["out"] = predict(z_t, t, *args, **kwargs)
+        return seen["out"]
 
     m.predict_noise = record
-    with torch.no_grad():
-        loss = m.loss(batch, torch.Generator().manual_seed(4))
-        z0 = m.encode_latents(batch).double()
+    try:
+        with torch.no_grad():
+            loss = m.loss(batch, torch.Generator().manual_seed(seed))
+            z0 = m.encode_latents(batch).double()
+    finally:
+        m.predict_noise = predict
     a = m.alphas_cumprod[seen["t"]].double().view(-1, 1, 1, 1)
     noise = (seen["z_t"].double() - a.sqrt() * z0) / (1 - a).sqrt()
-    err = (seen["eps"].double() - noise) ** 2                          # (B, C, r, r)
+    return loss, seen["out"].double(), z0, noise, a
+
+
+def test_face_loss_weight_weighs_the_noise_error_inside_the_id_masks(tiny, batch):
+    """The step's loss with face_loss_weight = 3 equals a float64 hand computation on the noise it
+    predicted (recorded from the real predict_noise): latent pixels inside a present ID's mask count 4x."""
+    m = build(tiny, face_loss_weight=3.0)
+    loss, out, _, noise, _ = _step_recorded(m, batch)
+    err = (out - noise) ** 2                                           # (B, C, r, r)
     present = batch.masks.double() * batch.id_present.double()[..., None, None]
     union = present.amax(1)                                            # (B, R, R)
     b, r = union.shape[0], err.shape[-1]
@@ -471,24 +481,9 @@ def test_a_v_prediction_checkpoint_trains_on_v(tiny, batch, tmp_path):
 
     m = TrainModel.build(cfg_for(checkpoint=str(v_path)), manifest(), "cpu")
     assert m.prediction == "v"
-    seen = {}
-    predict = m.predict_noise
-
-    def record(z_t, t, *args, **kwargs):
-        seen["z_t"], seen["t"] = z_t.detach().clone(), t.detach().clone()
-        seen["out"] = predict(z_t, t, *args, **kwargs)
-        return seen["out"]
-
-    m.predict_noise = record
-    with torch.no_grad():
-        loss = m.loss(batch, torch.Generator().manual_seed(4))
-        z0 = m.encode_latents(batch).double()
-    a = m.alphas_cumprod[seen["t"]].double().view(-1, 1, 1, 1)
-    noise = (seen["z_t"].double() - a.sqrt() * z0) / (1 - a).sqrt()
+    loss, out, z0, noise, a = _step_recorded(m, batch)
     v = a.sqrt() * noise - (1 - a).sqrt() * z0
-    out = seen["out"].double()
     assert float(loss) == pytest.approx(float(((out - v) ** 2).mean()), rel=1e-4)
     assert float(loss) != pytest.approx(float(((out - noise) ** 2).mean()), rel=1e-2)
-    m.predict_noise = predict
     img = m.sample(batch, steps=2, generator=torch.Generator().manual_seed(0))
     assert img.shape == (batch.size, 3, R, R) and torch.isfinite(img).all()
