@@ -8,8 +8,9 @@ executor, and the demo's world mode on the result.
 What this size can and cannot show: the base learns (its loss falls, its VAE beats a flat picture), the
 files load as a 16-channel SD1.5-type model, and every step runs through the real commands. It does NOT
 show identity above chance: measured here, a 5.7-minute version of it (VAE 250, UNet 300, fit 300 steps
-at 64 px) still scored chance (N = 2: 0.42 masked); identity needs the full experiment (93 min on a
-2-core VM, README, bench/results/synthetic-cpu*.json). No accuracy threshold is asserted here for that reason.
+at 64 px, eps base, 2026-11) still scored chance (N = 2: 0.42 masked); identity needs the full experiment
+(93 min on a 2-core VM, README, bench/results/synthetic-cpu*.json). No accuracy threshold is asserted here
+for that reason.
 """
 from __future__ import annotations
 
