@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=8, help="scenes per N")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
-    ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale (the negative has null IDs: scales identity)")
+    ap.add_argument("--cfg", type=float, default=5.0,
+                    help="guidance scale (the negative has null IDs: it scales identity too)")
     ap.add_argument("--identities", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path("~/.cache/instantfamily_nodes/world").expanduser()))
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / f"synthetic{'-plumbing' if args.plumbing else ''}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"summary": summary, "untrained": bool(args.plumbing), "models": names, "recognizer": pack_meta,
-            "scenes_per_n": args.scenes, "size": args.size, "steps": args.steps, "cfg": args.cfg, "machine": machine("cpu"),
+            "scenes_per_n": args.scenes, "size": args.size, "steps": args.steps, "cfg": args.cfg,
+            "machine": machine("cpu"),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "per_position": {v: {str(n): {"asked": scores[v][n].asked, "found": scores[v][n].found_among_n}
                                  for n in ns} for v in scores}}

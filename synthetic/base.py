@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..train.prediction import PREDICTIONS, eps_and_x0, prediction_of, training_target
+from ..train.prediction import check_prediction, eps_and_x0, prediction_of, training_target
 from .world import World, world_fits
 
 logger = logging.getLogger(__name__)
@@ -182,8 +182,7 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
 # ---------------------------------------------------------------- UNet
 
 def _check_config(cfg: BaseConfig) -> None:
-    if cfg.prediction not in PREDICTIONS:
-        raise ValueError(f"prediction: {cfg.prediction!r}; use one of {PREDICTIONS}")
+    check_prediction(cfg.prediction)     # before minutes of VAE training, not after
     if cfg.prediction == "v" and cfg.unet_noise_weight_cap > 1:
         raise ValueError("unet_noise_weight_cap: weights the eps-MSE only (v-MSE already weighs high noise); "
                          "leave it at 1 with prediction 'v'")
@@ -392,8 +391,9 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     staging.unlink()
     if model.model.latent_format.latent_channels != WORLD_LATENT_CHANNELS:
         raise RuntimeError("world base: ComfyUI did not pick the world model type; register_tiny_model_type failed")
-    if prediction_of(model) != cfg.prediction:
-        raise RuntimeError(f"world base: ComfyUI loaded a {prediction_of(model)} model, asked {cfg.prediction}")
+    loaded = prediction_of(model)
+    if loaded != cfg.prediction:
+        raise RuntimeError(f"world base: ComfyUI loaded a {loaded} model, asked {cfg.prediction}")
     unet_stats = train_unet(model, clip, vae, world, cfg, log)
 
     samples = sample_base(model, clip, vae, [s.caption for s in _scene_pool(world, 8, cfg, start=3_000_000)],

@@ -117,12 +117,11 @@ def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
     ``--base-prediction`` would otherwise fit on the old base and report it as the new one)."""
     if not base_json.is_file():
         return
-    built = json.loads(base_json.read_text()).get("config", {})
+    # bases written before the prediction setting existed are eps-prediction
+    built = {"prediction": "eps", **json.loads(base_json.read_text()).get("config", {})}
     asked = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
              "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction}
-    # bases written before the prediction setting existed are eps-prediction
-    differ = {k: (built.get(k, "eps" if k == "prediction" else None), v) for k, v in asked.items()
-              if built.get(k, "eps" if k == "prediction" else None) != v}
+    differ = {k: (built.get(k), v) for k, v in asked.items() if built.get(k) != v}
     if differ:
         what = ", ".join(f"{k}: built {b!r}, asked {a!r}" for k, (b, a) in differ.items())
         raise ValueError(f"{base_json.parent}: the world base there was built with other settings ({what}); "
@@ -196,7 +195,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
     cmd = [py, str(PACK_ROOT / "bench" / "synthetic.py"), "--checkpoint", base, "--weights", str(weights),
            "--controlnet", str(controlnet), "--ns", cfg.ns, "--scenes", str(cfg.bench_scenes), "--size",
            str(cfg.size), "--steps", str(cfg.sample_steps), "--cfg", str(cfg.sample_cfg), "--identities",
-           str(cfg.identities), "--seed", str(cfg.seed), "--cache", str(bench_cache), "--out", str(results)] + bench_extra + comfy_args
+           str(cfg.identities), "--seed", str(cfg.seed), "--cache", str(bench_cache), "--out", str(results)]
+    cmd += bench_extra + comfy_args
     # a resumed experiment adds its steps' seconds to the earlier run's (the bench is redone, not added)
     earlier = json.loads(results.read_text()).get("experiment", {}).get("seconds", {}) if results.is_file() else {}
     clock.run("bench", True, lambda: _run(cmd, env))

@@ -41,7 +41,7 @@ from ..attention.masks import IDMasks
 from ..models.projection import IDProjection, ProjectionConfig, stack_context
 from ..models.weights import WeightMeta
 from .batch import Batch
-from .loss import weighted_mse, foreground
+from .loss import foreground, weighted_mse
 from .prediction import eps_and_x0, prediction_of, training_target
 from .shards import Manifest
 

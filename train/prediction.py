@@ -31,14 +31,15 @@ def prediction_of(model_patcher) -> str:
                      "(SD1.5-style DDPM) checkpoints only")
 
 
-def _check(prediction: str) -> None:
+def check_prediction(prediction: str) -> None:
+    """Refuse anything but ``"eps"`` and ``"v"``, naming the setting."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction: {prediction!r}; use one of {PREDICTIONS}")
 
 
 def training_target(prediction: str, z0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """What the UNet should output for ``z_t = sqrt(a) z0 + sqrt(1-a) noise`` (``alpha_bar`` broadcasts)."""
-    _check(prediction)
+    check_prediction(prediction)
     if prediction == "eps":
         return noise
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * z0
@@ -47,7 +48,7 @@ def training_target(prediction: str, z0: torch.Tensor, noise: torch.Tensor, alph
 def eps_and_x0(prediction: str, output: torch.Tensor, z_t: torch.Tensor,
                alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, x0) implied by the UNet's ``output`` at ``z_t`` (what a DDIM step needs)."""
-    _check(prediction)
+    check_prediction(prediction)
     s, c = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     if prediction == "eps":
         return output, (z_t - c * output) / s
