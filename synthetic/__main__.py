@@ -62,7 +62,7 @@ def _base(args: argparse.Namespace) -> int:
     cfg = BaseConfig(size=args.size, identities=args.identities, seed=args.seed, vae_steps=args.vae_steps,
                      unet_steps=args.unet_steps, unet_scenes=args.unet_scenes, threads=args.threads,
                      unet_noise_weight_cap=args.unet_noise_weight_cap, latent_std=args.latent_std,
-                     prediction=args.prediction)
+                     prediction=args.prediction, mixed_precision=args.mixed_precision)
     print(json.dumps({"checkpoint": str(build_world_base(args.out, cfg))}))
     return 0
 
@@ -71,11 +71,12 @@ def _experiment(args: argparse.Namespace) -> int:
     from .experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(base=args.base, scenes=args.scenes, people=args.people, size=args.size, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, face_loss_weight=args.face_loss_weight,
+                           batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, face_loss_weight=args.face_loss_weight,
                            ns=args.ns, bench_scenes=args.bench_scenes, sample_steps=args.sample_steps,
                            sample_cfg=args.sample_cfg,
                            identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,
                            base_unet_steps=args.base_unet_steps, base_prediction=args.base_prediction,
+                           mixed_precision=args.mixed_precision,
                            recognizer_steps=args.recognizer_steps,
                            unmasked_baseline=not args.no_unmasked)
     path = run_experiment(args.out, cfg, comfyui=args.comfyui, force=args.force)
@@ -85,6 +86,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from ..train.prediction import PREDICTIONS
+    from .base import BASE_MIXED_PRECISION
     from .base import BaseConfig as BaseDefaults
     from .experiment import ExperimentConfig as ExperimentDefaults
 
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="std of the VAE's latents (above 1: more signal at each noise level)")
     b.add_argument("--prediction", choices=PREDICTIONS, default=BaseDefaults.prediction,
                    help="what the UNet predicts: eps (SD1.5) or v (better at high noise for a small UNet)")
+    b.add_argument("--mixed-precision", choices=BASE_MIXED_PRECISION, default=BaseDefaults.mixed_precision,
+                   help="bf16: train under bf16 autocast (faster on CPUs with native bf16, e.g. avx512_bf16)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     b.add_argument("--comfyui", default=None)
     b.set_defaults(func=_base)
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--steps", type=int, default=d.steps, help="train fit steps per model")
     e.add_argument("--batch-size", type=int, default=d.batch_size)
     e.add_argument("--lr", type=float, default=d.lr, help="projection and ControlNet learning rate")
+    e.add_argument("--lr-decay", type=float, default=d.lr_decay, help="last fraction of the fit steps over which the "
+                   "rate falls (cosine) to a tenth, in both fits (0: constant, ControlNet's schedule)")
     e.add_argument("--face-loss-weight", type=float, default=d.face_loss_weight,
                    help="eps-MSE weight inside the ID masks is 1 + this, in both fits (0: the paper's loss)")
     e.add_argument("--ns", default=d.ns)
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--base-unet-steps", type=int, default=d.base_unet_steps)
     e.add_argument("--base-prediction", choices=PREDICTIONS, default=d.base_prediction,
                    help="what the world base's UNet predicts (eps or v)")
+    e.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default=d.mixed_precision,
+                   help="base and fits under bf16 autocast; auto: bf16 where the CPU has native bf16 "
+                        "(avx512_bf16 / amx_bf16), else fp32")
     e.add_argument("--recognizer-steps", type=int, default=d.recognizer_steps)
     e.add_argument("--no-unmasked", action="store_true", help="skip the model trained without masks")
     e.add_argument("--comfyui", default=None)

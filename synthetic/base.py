@@ -22,6 +22,7 @@ trainer and the nodes load like any SD1.5 file once :func:`..demo.tiny.register_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..train.schedule import WarmupConstantCosine
 from ..train.prediction import check_prediction, eps_and_x0, prediction_of, training_target
 from .world import World, world_fits
 
@@ -42,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 WORLD_CHECKPOINT = "instantfamily_world_sd15.safetensors"
 FORMAT_TAG = "instantfamily-world-base-v1"
+# the base spends most steps at full rate, then falls over the last 30 % (one-cycle schedules were slower)
+BASE_LR_DECAY = 0.3
+BASE_MIXED_PRECISION = ("no", "bf16")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class BaseConfig:
     text_dropout: float = 0.1
     unet_noise_weight_cap: float = 1.0    # eps-MSE weight 1/SNR (x0 error scale), floored at 1, capped here; 1 = plain
     prediction: str = "v"           # what the UNet predicts: "v" or "eps" (SD1.5's; worse here: README)
+    mixed_precision: str = "no"     # "bf16": VAE and UNet training under bf16 autocast (weights stay fp32)
     threads: int = 0                # 0 = torch's default
 
 
@@ -75,20 +81,12 @@ def _scene_pool(world: World, count: int, cfg: BaseConfig, start: int) -> list:
     return world.scenes(count, (cfg.size, cfg.size), "train", start=start, people=people)
 
 
-def _warmup_constant_cosine(steps: int, warmup: int, decay: float = 0.3) -> Callable[[int], float]:
-    """LR factor: linear warm-up, constant, then a cosine to a tenth over the last ``decay`` of the steps.
-    (A short run spends most steps at full rate; one-cycle schedules were slower on the world.)"""
-    start = int(steps * (1 - decay))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if step < start:
-            return 1.0
-        p = (step - start) / max(1, steps - start)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-
-    return factor
+def _autocast(cfg: BaseConfig):
+    """bf16 autocast on the CPU for ``mixed_precision = "bf16"`` (faster on CPUs with native bf16: README),
+    else nothing; the loss is always taken in fp32."""
+    if cfg.mixed_precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _optimizer_step(loss: torch.Tensor, opt, sched, params: list, where: str, lr_key: str) -> None:
@@ -140,14 +138,16 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
     rng = np.random.default_rng(cfg.seed)
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant_cosine(cfg.vae_steps, warmup=50))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupConstantCosine(50, cfg.vae_steps, BASE_LR_DECAY))
     vae.train()
     t0 = time.time()
     for step in range(cfg.vae_steps):
         x = torch.from_numpy(_face_biased_crops(images, boxes, cfg.vae_crop, cfg.vae_batch, rng))
         x = x.permute(0, 3, 1, 2).float() / 255.0
-        z = vae.taesd_encoder(x)
-        y = vae.taesd_decoder(z)
+        with _autocast(cfg):
+            z = vae.taesd_encoder(x)
+            y = vae.taesd_decoder(z)
+        y, z = y.float(), z.float()
         # L1 keeps the patterns' edges sharper than MSE; the small latent penalty keeps the scale in check
         loss = F.l1_loss(y, x) + 1e-4 * z.pow(2).mean()
         _optimizer_step(loss, opt, sched, params, f"world VAE step {step + 1}", "vae_lr")
@@ -183,6 +183,8 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
 
 def _check_config(cfg: BaseConfig) -> None:
     check_prediction(cfg.prediction)     # before minutes of VAE training, not after
+    if cfg.mixed_precision not in BASE_MIXED_PRECISION:
+        raise ValueError(f"mixed_precision = {cfg.mixed_precision!r}: must be one of {BASE_MIXED_PRECISION}")
     if cfg.prediction == "v" and cfg.unet_noise_weight_cap > 1:
         raise ValueError("unet_noise_weight_cap: weights the eps-MSE only (v-MSE already weighs high noise); "
                          "leave it at 1 with prediction 'v'")
@@ -247,7 +249,7 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
     params = [p for p in unet.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant_cosine(cfg.unet_steps, cfg.unet_warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupConstantCosine(cfg.unet_warmup, cfg.unet_steps, BASE_LR_DECAY))
     losses, t0 = [], time.time()
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, len(z0_all), (cfg.unet_batch,), generator=gen)
@@ -259,7 +261,8 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
         noise = torch.randn(z0.shape, generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        out = unet(z_t, timesteps=t.float(), context=ctx)
+        with _autocast(cfg):
+            out = unet(z_t, timesteps=t.float(), context=ctx).float()
         loss = noise_weighted_eps_mse(out, training_target(prediction, z0, noise, a), a.view(-1),
                                       cfg.unet_noise_weight_cap)
         _optimizer_step(loss, opt, sched, params, f"world UNet step {step + 1}", "unet_lr")

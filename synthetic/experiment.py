@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +36,13 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class ExperimentConfig:
     base: str = "world"              # "world" (trained here), "tiny" (random: plumbing) or a checkpoint path
-    scenes: int = 2000               # training scenes for `train prepare`
+    scenes: int = 4000               # training scenes for `train prepare`
     people: str = "1,2,3,4,5,6,7"    # people per training scene, cycled; a fit conditions up to 4 of them
     size: int = 128
     steps: int = 2000                # `train fit` steps, per model
     batch_size: int = 16
     lr: float = 3e-4                 # projection and ControlNet
+    lr_decay: float = 0.0            # train fit's lr_decay (0: constant; a fall at the end measured no gain)
     face_loss_weight: float = 3.0    # train fit's face_loss_weight (both fits); 0 = the paper's plain MSE
     ns: str = "1,2,3,4,7"
     bench_scenes: int = 16           # per N
@@ -56,6 +57,7 @@ class ExperimentConfig:
     recognizer_train_size: int = 12000
     base_unet_scenes: int = 3000
     unmasked_baseline: bool = True   # also train the mask_ids=false model
+    mixed_precision: str = "auto"    # base and fits: "bf16" autocast, "no", or auto (bf16 on native-bf16 CPUs)
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
@@ -93,9 +95,9 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
         shutil.rmtree(run, ignore_errors=True)
     sets = {"data": shards, "out": run, "checkpoint": base, "resolution": cfg.size, "n_ids": 4,
             "batch_size": cfg.batch_size, "steps": cfg.steps, "lr_projection": cfg.lr, "lr_controlnet": cfg.lr,
-            "lr_warmup": min(100, cfg.steps // 10), "num_workers": 0, "validate_every": 0,
+            "lr_warmup": min(100, cfg.steps // 10), "lr_decay": cfg.lr_decay, "num_workers": 0, "validate_every": 0,
             "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed,
-            "face_loss_weight": cfg.face_loss_weight, **(extra or {})}
+            "face_loss_weight": cfg.face_loss_weight, "mixed_precision": cfg.mixed_precision, **(extra or {})}
     cmd = [py, "-m", "instantfamily_nodes.train", "fit", "--no-progress", "--device", "cpu"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]
@@ -118,14 +120,27 @@ def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
     if not base_json.is_file():
         return
     # bases written before the prediction setting existed are eps-prediction
-    built = {"prediction": "eps", **json.loads(base_json.read_text()).get("config", {})}
+    built = {"prediction": "eps", "mixed_precision": "no", **json.loads(base_json.read_text()).get("config", {})}
     asked = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
-             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction}
+             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
+             "mixed_precision": cfg.mixed_precision}
     differ = {k: (built.get(k), v) for k, v in asked.items() if built.get(k) != v}
     if differ:
         what = ", ".join(f"{k}: built {b!r}, asked {a!r}" for k, (b, a) in differ.items())
         raise ValueError(f"{base_json.parent}: the world base there was built with other settings ({what}); "
                          "use another --out, or --force to rebuild everything")
+
+
+def resolve_mixed_precision(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``mixed_precision`` "auto" made "bf16" on a CPU with native bf16, else "no" (the
+    results record the resolved value)."""
+    from ..train.host import cpu_has_native_bf16
+
+    if cfg.mixed_precision not in ("auto", "no", "bf16"):
+        raise ValueError(f"mixed_precision = {cfg.mixed_precision!r}: use auto, no or bf16")
+    if cfg.mixed_precision != "auto":
+        return cfg
+    return replace(cfg, mixed_precision="bf16" if cpu_has_native_bf16() else "no")
 
 
 def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str | None = None,
@@ -137,6 +152,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
     if crowded:
         raise ValueError(f"people={cfg.people!r}: {crowded} people do not fit a {cfg.size} px scene (faces would "
                          "be under 8 px); use fewer people or a larger size")
+    cfg = resolve_mixed_precision(cfg)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -156,7 +172,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
             [py, "-m", "instantfamily_nodes.synthetic", "base", "--out", str(out / "base"), "--size", str(cfg.size),
              "--identities", str(cfg.identities), "--seed", str(cfg.seed), "--vae-steps", str(cfg.base_vae_steps),
              "--unet-steps", str(cfg.base_unet_steps), "--unet-scenes", str(cfg.base_unet_scenes),
-             "--prediction", cfg.base_prediction] + comfy_args, env))
+             "--prediction", cfg.base_prediction, "--mixed-precision", cfg.mixed_precision] + comfy_args, env))
     else:
         base = str(Path(cfg.base).resolve())
     models = out / "models"

@@ -51,6 +51,8 @@ def test_base_config_refuses_unknown_predictions_and_eps_weights_with_v():
         _check_config(BaseConfig(prediction="x0"))
     with pytest.raises(ValueError, match="unet_noise_weight_cap"):
         _check_config(BaseConfig(prediction="v", unet_noise_weight_cap=10.0))
+    with pytest.raises(ValueError, match="mixed_precision = 'fp16'"):
+        _check_config(BaseConfig(mixed_precision="fp16"))
 
 
 def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
@@ -58,9 +60,10 @@ def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
 
     from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_base
 
-    cfg = ExperimentConfig()
+    cfg = ExperimentConfig(mixed_precision="bf16")       # run_experiment checks with "auto" resolved
     built = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
-             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction}
+             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
+             "mixed_precision": "bf16"}
     path = tmp_path / "world_base.json"
     check_existing_base(path, cfg)                       # nothing built yet: nothing to check
     path.write_text(json.dumps({"config": built}))
@@ -69,7 +72,36 @@ def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
     with pytest.raises(ValueError, match="unet_steps: built 1500, asked 3500"):
         check_existing_base(path, cfg)
     # a base from before the prediction setting is eps: refused when v is asked
-    path.write_text(json.dumps({"config": {k: v for k, v in built.items() if k != "prediction"}}))
+    old = {k: v for k, v in built.items() if k not in ("prediction", "mixed_precision")}
+    path.write_text(json.dumps({"config": old}))
     with pytest.raises(ValueError, match="prediction: built 'eps', asked 'v'"):
-        check_existing_base(path, ExperimentConfig(base_prediction="v"))
-    check_existing_base(path, ExperimentConfig(base_prediction="eps"))
+        check_existing_base(path, ExperimentConfig(base_prediction="v", mixed_precision="no"))
+    # ... and fp32: refused when bf16 is asked
+    with pytest.raises(ValueError, match="mixed_precision: built 'no', asked 'bf16'"):
+        check_existing_base(path, ExperimentConfig(base_prediction="eps", mixed_precision="bf16"))
+    check_existing_base(path, ExperimentConfig(base_prediction="eps", mixed_precision="no"))
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from instantfamily_nodes.train.host import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not cpu_has_native_bf16(info)                 # AVX-512 without its bf16 extension: emulated
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16(info)
+    info.write_text("flags\t\t: fpu avx2 amx_tile amx_bf16\n")
+    assert cpu_has_native_bf16(info)
+    assert not cpu_has_native_bf16(tmp_path / "missing")  # unknown (not Linux): fp32
+
+
+def test_experiment_mixed_precision_auto_follows_the_cpu_and_others_are_refused():
+    from instantfamily_nodes.synthetic.experiment import ExperimentConfig, resolve_mixed_precision
+    from instantfamily_nodes.train.host import cpu_has_native_bf16
+
+    native = "bf16" if cpu_has_native_bf16() else "no"
+    assert resolve_mixed_precision(ExperimentConfig()).mixed_precision == native
+    for asked in ("no", "bf16"):
+        assert resolve_mixed_precision(ExperimentConfig(mixed_precision=asked)).mixed_precision == asked
+    with pytest.raises(ValueError, match="mixed_precision = 'fp16'"):
+        resolve_mixed_precision(ExperimentConfig(mixed_precision="fp16"))

@@ -174,7 +174,9 @@ def test_stop_and_resume_is_bit_identical(tiny, data, tmp_path, monkeypatch):
         return TrainModel.build(cfg, Manifest.load(cfg.data), "cpu")
 
     # grad accumulation 2 with 2 loader workers: 3 batches per 1.5 steps, so the resume rotates the workers
-    kw = dict(steps=5, grad_accum=2, num_workers=2, ema_decay=0.9, lr_warmup=3, checkpoint_every=2, keep_last=5)
+    # the rate falls over the last half (steps 3-5), across the cut
+    kw = dict(steps=5, grad_accum=2, num_workers=2, ema_decay=0.9, lr_warmup=3, lr_decay=0.5, checkpoint_every=2,
+              keep_last=5)
     ref_cfg = cfg_for(data, tmp_path / "ref", tiny, **kw)
     ref = build(ref_cfg)
     F.fit(ref_cfg, model=ref, progress=False)

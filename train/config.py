@@ -57,6 +57,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0              # max global grad norm per step; 0 = off
     lr_warmup: int = 0                  # linear warm-up steps, then constant (ControlNet's default)
+    lr_decay: float = 0.0               # last fraction of the steps over which the rate falls (cosine) to
+                                        # a tenth; 0 = constant to the end (ControlNet's default)
     mixed_precision: str = "auto"       # auto: bf16 autocast on CUDA, fp32 on CPU; trainable params stay fp32
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0              # 0 = no EMA
@@ -107,6 +109,7 @@ class TrainConfig:
         need(self.train_projection or self.train_controlnet or self.moa, "train_projection",
              "train_controlnet and moa are all false: nothing to train")
         need(self.lr_warmup >= 0, "lr_warmup", "must be >= 0")
+        need(0.0 <= self.lr_decay <= 1.0, "lr_decay", "must be in [0, 1] (0 = constant rate after warm-up)")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {MIXED_PRECISION}")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")

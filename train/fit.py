@@ -45,6 +45,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, load_config
 from .data import SkipEvent, StreamItem, describe, open_stream, validation_samples
 from .host import import_comfy
+from .schedule import WarmupConstantCosine
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +155,14 @@ def build_optimizer(cfg: TrainConfig, groups: dict[str, list[torch.nn.Parameter]
                              weight_decay=cfg.weight_decay, foreach=False)
 
 
-class WarmupConstant:
-    """Linear warm-up over ``warmup`` steps, then constant (ControlNet's schedule); a picklable lambda."""
-
-    def __init__(self, warmup: int):
-        self.warmup = int(warmup)
-
-    def __call__(self, step: int) -> float:
-        return 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
-
-
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(cfg.lr_warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstantCosine(cfg.lr_warmup, cfg.steps, cfg.lr_decay))
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any]) -> None:
+    """Restore the step count and rates of a saved schedule, keeping this run's schedule shape: a resume may
+    raise ``steps``, and the decay then ends at the new last step (the saved fields would end it at the old)."""
+    scheduler.load_state_dict({**state, "lr_lambdas": [dict(vars(f)) for f in scheduler.lr_lambdas]})
 
 
 def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
@@ -460,7 +457,7 @@ def fit(cfg: TrainConfig, resume: bool | str | None = None, max_steps: int | Non
         model.load_trainable_state_dict(ck.model_state)
         optimizer.load_state_dict(ck.optimizer_state)
         if ck.scheduler_state is not None:
-            scheduler.load_state_dict(ck.scheduler_state)
+            load_scheduler_state(scheduler, ck.scheduler_state)
         if ema is not None:
             if ck.ema_state is None:
                 raise ResumeError(f"{ck.path} has no EMA state but ema_decay = {cfg.ema_decay}")
