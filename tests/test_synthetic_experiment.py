@@ -104,6 +104,11 @@ def test_bench_scored_every_asked_place_for_every_variant(experiment):
     # with one person in the picture the only candidate is right by construction
     assert s["accuracy_masked"]["1"] == 1.0
     assert data["experiment"]["seconds"].keys() >= {"base", "recognizer", "prepare", "fit_masked", "bench"}
+    # mixed_precision "auto" ran as this CPU allows, base and fit alike, and the results say which
+    from instantfamily_nodes.train.host import cpu_has_native_bf16
+
+    ran = "bf16" if cpu_has_native_bf16() else "no"
+    assert data["experiment"]["mixed_precision"] == data["base"]["config"]["mixed_precision"] == ran
 
 
 def test_demo_world_mode_places_the_four_people(experiment, comfyui, tmp_path):
