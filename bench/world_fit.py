@@ -1,8 +1,9 @@
 """One `train fit` step on the synthetic world (the experiment's base and shards), fp32 vs bf16 autocast.
 
-Side by side in one run (interleaved rounds of 6 steps each, best round kept): the trainer's own ``TrainModel`` built from
-an experiment folder's world base and ``train prepare`` shards, one optimizer step (forward, backward,
-AdamW) on the same real batch of 16 with N = 4 slots, masked attention in UNet and ControlNet:
+Side by side in one run (interleaved rounds of 6 steps each, best round kept): the trainer's own
+``TrainModel`` built from an experiment folder's world base and ``train prepare`` shards, one optimizer
+step (forward, backward, AdamW) on the same real batch of 16 with N = 4 slots, masked attention in UNet
+and ControlNet:
   fp32         mixed_precision = "no" (the trainer's CPU default)
   bf16         mixed_precision = "bf16" (autocast; trained weights and the loss stay fp32)
 The loss of both on the same noise is printed too, to show they compute the same step.

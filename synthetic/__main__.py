@@ -71,7 +71,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from .experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(base=args.base, scenes=args.scenes, people=args.people, size=args.size, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, face_loss_weight=args.face_loss_weight,
+                           batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
+                           face_loss_weight=args.face_loss_weight,
                            ns=args.ns, bench_scenes=args.bench_scenes, sample_steps=args.sample_steps,
                            sample_cfg=args.sample_cfg,
                            identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,

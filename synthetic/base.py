@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..train.schedule import WarmupConstantCosine
 from ..train.prediction import check_prediction, eps_and_x0, prediction_of, training_target
+from ..train.schedule import WarmupConstantCosine
 from .world import World, world_fits
 
 logger = logging.getLogger(__name__)
@@ -249,7 +249,8 @@ def train_unet(model, clip, vae, world: World, cfg: BaseConfig,
     params = [p for p in unet.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupConstantCosine(cfg.unet_warmup, cfg.unet_steps, BASE_LR_DECAY))
+    schedule = WarmupConstantCosine(cfg.unet_warmup, cfg.unet_steps, BASE_LR_DECAY)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses, t0 = [], time.time()
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, len(z0_all), (cfg.unet_batch,), generator=gen)
