@@ -9,8 +9,8 @@ What this size can and cannot show: the base learns (its loss falls, its VAE bea
 files load as a 16-channel SD1.5-type model, and every step runs through the real commands. It does NOT
 show identity above chance: measured here, a 5.7-minute version of it (VAE 250, UNet 300, fit 300 steps
 at 64 px, eps base, 2026-11) still scored chance (N = 2: 0.42 masked); identity needs the full experiment
-(93 min on a 2-core VM, README, bench/results/synthetic-cpu*.json). No accuracy threshold is asserted here
-for that reason.
+(73 min on a 2-core VM with native bf16, README, bench/results/synthetic-cpu*.json). No accuracy threshold
+is asserted here for that reason.
 """
 from __future__ import annotations
 
