@@ -101,11 +101,10 @@ def main() -> None:
         return
     from instantfamily_nodes.train.host import cpu_has_native_bf16
 
-    models, steps, losses = {}, {}, {}
+    steps, losses = {}, {}
     for precision in PRECISIONS:
         cfg, model, collate = build(args.experiment, precision, args.batch_size)
         batch = first_batch(cfg, collate)
-        models[precision] = model
         with torch.no_grad():
             losses[precision] = float(model.loss(batch, torch.Generator().manual_seed(1)))
         steps[precision] = step_fn(model, batch)

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..train.prediction import PREDICTIONS
     from .base import BASE_MIXED_PRECISION
     from .base import BaseConfig as BaseDefaults
+    from .experiment import MIXED_PRECISION
     from .experiment import ExperimentConfig as ExperimentDefaults
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--base-unet-steps", type=int, default=d.base_unet_steps)
     e.add_argument("--base-prediction", choices=PREDICTIONS, default=d.base_prediction,
                    help="what the world base's UNet predicts (eps or v)")
-    e.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default=d.mixed_precision,
+    e.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
                    help="base and fits under bf16 autocast; auto: bf16 where the CPU has native bf16 "
                         "(avx512_bf16 / amx_bf16), else fp32")
     e.add_argument("--recognizer-steps", type=int, default=d.recognizer_steps)

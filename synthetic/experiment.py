@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
+# the base's precisions (synthetic/base.py), or auto: bf16 where the CPU has it natively
+MIXED_PRECISION = ("auto", "no", "bf16")
 
 
 @dataclass
@@ -136,8 +138,8 @@ def resolve_mixed_precision(cfg: ExperimentConfig) -> ExperimentConfig:
     results record the resolved value)."""
     from ..train.host import cpu_has_native_bf16
 
-    if cfg.mixed_precision not in ("auto", "no", "bf16"):
-        raise ValueError(f"mixed_precision = {cfg.mixed_precision!r}: use auto, no or bf16")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISION}")
     if cfg.mixed_precision != "auto":
         return cfg
     return replace(cfg, mixed_precision="bf16" if cpu_has_native_bf16() else "no")

@@ -36,7 +36,7 @@ def import_comfy(comfyui: str | os.PathLike | None = None, checkpoint: str | os.
 
 def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 natively (avx512_bf16 or AMX): there bf16 autocast made a world fit
-    step ~30 % faster (README); elsewhere it is emulated and slower than fp32. False where unknown."""
+    step take 0.63x the time (README); elsewhere it is emulated and slower than fp32. False where unknown."""
     try:
         flags = Path(cpuinfo).read_text(errors="replace").split()
     except OSError:

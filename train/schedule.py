@@ -1,9 +1,9 @@
 """The learning-rate schedule of the trainer and of the world base: linear warm-up, constant, then an
 optional cosine fall to ``floor`` x over the last ``decay`` fraction of the steps.
 
-``decay = 0`` is ControlNet's schedule (warm-up, then constant: what the paper's recipe uses). A run that
-ends on a falling rate settles into a sharper minimum than one stopped at full rate; on the synthetic
-world that is worth identity accuracy (README, "How the numbers got here").
+``decay = 0`` is ControlNet's schedule (warm-up, then constant: what the paper's recipe uses). The world
+base ends on a fall (``synthetic/base.py``); for `train fit` on the world it measured no gain (README, "How
+the numbers got here"), so the trainer's default stays constant.
 """
 from __future__ import annotations
 
