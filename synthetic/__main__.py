@@ -23,7 +23,7 @@ def _recognizer(args: argparse.Namespace) -> int:
 
     world = World(args.identities, args.seed)
     trained = train_recognizer(world, steps=args.steps, train_size=args.train_size, test_size=args.test_size,
-                               seed=args.seed, threads=args.threads)
+                               seed=args.seed, threads=args.threads, map_side=args.map_side)
     folder = export_pack(trained, world, args.out, args.name or DEFAULT_PACK)
     print(json.dumps({"pack": str(folder), "identities": len(world), "heldout_accuracy": trained.heldout_accuracy,
                       "seconds": round(trained.seconds, 1)}))
@@ -62,7 +62,8 @@ def _base(args: argparse.Namespace) -> int:
     cfg = BaseConfig(size=args.size, identities=args.identities, seed=args.seed, vae_steps=args.vae_steps,
                      unet_steps=args.unet_steps, unet_scenes=args.unet_scenes, threads=args.threads,
                      unet_noise_weight_cap=args.unet_noise_weight_cap, latent_std=args.latent_std,
-                     prediction=args.prediction, mixed_precision=args.mixed_precision)
+                     prediction=args.prediction, mixed_precision=args.mixed_precision,
+                     vae_face_weight=args.vae_face_weight)
     print(json.dumps({"checkpoint": str(build_world_base(args.out, cfg))}))
     return 0
 
@@ -77,8 +78,9 @@ def _experiment(args: argparse.Namespace) -> int:
                            sample_cfg=args.sample_cfg,
                            identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,
                            base_unet_steps=args.base_unet_steps, base_prediction=args.base_prediction,
+                           base_vae_face_weight=args.base_vae_face_weight,
                            mixed_precision=args.mixed_precision,
-                           recognizer_steps=args.recognizer_steps,
+                           recognizer_steps=args.recognizer_steps, recognizer_map_side=args.recognizer_map_side,
                            unmasked_baseline=not args.no_unmasked)
     path = run_experiment(args.out, cfg, comfyui=args.comfyui, force=args.force)
     print(f"results: {path}")
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from .base import BASE_MIXED_PRECISION
     from .base import BaseConfig as BaseDefaults
     from .experiment import MIXED_PRECISION
+    from .recognizer import MAP_SIDES
     from .experiment import ExperimentConfig as ExperimentDefaults
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--identities", type=int, default=24)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--map-side", type=int, choices=MAP_SIDES, default=7,
+                   help="side of the net's last feature map: ID tokens per face = side * side + 1")
     r.add_argument("--train-size", type=int, default=12000, help="training crops")
     r.add_argument("--test-size", type=int, default=2000, help="held-out crops for the reported accuracy")
     r.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--identities", type=int, default=24)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--vae-steps", type=int, default=BaseDefaults.vae_steps)
+    b.add_argument("--vae-face-weight", type=float, default=BaseDefaults.vae_face_weight,
+                   help="extra L1 weight on face pixels while the VAE trains (0: plain L1)")
     b.add_argument("--unet-steps", type=int, default=BaseDefaults.unet_steps)
     b.add_argument("--unet-scenes", type=int, default=3000, help="scenes in the UNet's latent pool")
     b.add_argument("--unet-noise-weight-cap", type=float, default=BaseDefaults.unet_noise_weight_cap,
@@ -166,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=d.seed)
     e.add_argument("--base-vae-steps", type=int, default=d.base_vae_steps)
     e.add_argument("--base-unet-steps", type=int, default=d.base_unet_steps)
+    e.add_argument("--base-vae-face-weight", type=float, default=d.base_vae_face_weight,
+                   help="the base VAE's extra L1 weight on face pixels (0: plain L1)")
     e.add_argument("--base-prediction", choices=PREDICTIONS, default=d.base_prediction,
                    help="what the world base's UNet predicts (eps or v)")
     e.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
                    help="base and fits under bf16 autocast; auto: bf16 where the CPU has native bf16 "
                         "(avx512_bf16 / amx_bf16), else fp32")
     e.add_argument("--recognizer-steps", type=int, default=d.recognizer_steps)
+    e.add_argument("--recognizer-map-side", type=int, choices=MAP_SIDES, default=d.recognizer_map_side,
+                   help="side of the recognizer's local map: ID tokens per face = side * side + 1")
     e.add_argument("--no-unmasked", action="store_true", help="skip the model trained without masks")
     e.add_argument("--comfyui", default=None)
     e.add_argument("--force", action="store_true")

@@ -54,8 +54,10 @@ class ExperimentConfig:
     seed: int = 0
     base_vae_steps: int = 1500
     base_unet_steps: int = 3500
+    base_vae_face_weight: float = 0.0    # the base VAE's extra L1 weight on face pixels
     base_prediction: str = "v"       # the base UNet's target: "v" or "eps" (SD1.5's; worse here: README)
     recognizer_steps: int = 600
+    recognizer_map_side: int = 7     # the recognizer's local map: 7 x 7 (50 tokens per ID) or 4 x 4 (17)
     recognizer_train_size: int = 12000
     base_unet_scenes: int = 3000
     unmasked_baseline: bool = True   # also train the mask_ids=false model
@@ -122,10 +124,10 @@ def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
     if not base_json.is_file():
         return
     # bases written before the prediction setting existed are eps-prediction
-    built = {"prediction": "eps", "mixed_precision": "no", **json.loads(base_json.read_text()).get("config", {})}
+    built = {"prediction": "eps", "mixed_precision": "no", "vae_face_weight": 0.0, **json.loads(base_json.read_text()).get("config", {})}
     asked = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
              "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
-             "mixed_precision": cfg.mixed_precision}
+             "mixed_precision": cfg.mixed_precision, "vae_face_weight": cfg.base_vae_face_weight}
     differ = {k: (built.get(k), v) for k, v in asked.items() if built.get(k) != v}
     if differ:
         what = ", ".join(f"{k}: built {b!r}, asked {a!r}" for k, (b, a) in differ.items())
@@ -174,7 +176,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
             [py, "-m", "instantfamily_nodes.synthetic", "base", "--out", str(out / "base"), "--size", str(cfg.size),
              "--identities", str(cfg.identities), "--seed", str(cfg.seed), "--vae-steps", str(cfg.base_vae_steps),
              "--unet-steps", str(cfg.base_unet_steps), "--unet-scenes", str(cfg.base_unet_scenes),
-             "--prediction", cfg.base_prediction, "--mixed-precision", cfg.mixed_precision] + comfy_args, env))
+             "--prediction", cfg.base_prediction, "--mixed-precision", cfg.mixed_precision,
+             "--vae-face-weight", str(cfg.base_vae_face_weight)] + comfy_args, env))
     else:
         base = str(Path(cfg.base).resolve())
     models = out / "models"
@@ -182,7 +185,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
     clock.run("recognizer", force or not (pack / "world.safetensors").is_file(), lambda: _run(
         [py, "-m", "instantfamily_nodes.synthetic", "recognizer", "--out", str(models), "--identities",
          str(cfg.identities), "--seed", str(cfg.seed), "--steps", str(cfg.recognizer_steps), "--train-size",
-         str(cfg.recognizer_train_size), "--test-size", str(min(2000, cfg.recognizer_train_size // 4))], env))
+         str(cfg.recognizer_train_size), "--test-size", str(min(2000, cfg.recognizer_train_size // 4)),
+         "--map-side", str(cfg.recognizer_map_side)], env))
     clock.run("scenes", force or not (out / "scenes").is_dir(), lambda: _run(
         [py, "-m", "instantfamily_nodes.synthetic", "scenes", "--out", str(out / "scenes"), "--count",
          str(cfg.scenes), "--size", str(cfg.size), "--people", cfg.people, "--identities", str(cfg.identities),

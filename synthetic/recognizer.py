@@ -1,7 +1,8 @@
 """The world's face recognition net, trained on the world and exported as an insightface-shaped pack.
 
 The net is ArcFace-shaped (a 4x average pool, a stem, three residual stages, BatchNorm, flatten, fc,
-BatchNorm1d: 112 x 112 RGB -> a 64-d embedding, with a 7 x 7 x 128 last feature map), trained with a
+BatchNorm1d: 112 x 112 RGB -> a 64-d embedding, with a 7 x 7 x 128 last feature map, or 4 x 4 with
+``map_side=4``: 17 tokens per ID instead of 50, a cheaper fit), trained with a
 CosFace loss on aligned crops of world faces: the same crops the pack makes at inference (insightface's
 ``norm_crop`` from the detector's 5 keypoints), with keypoint, blur and noise augmentation so it also
 reads faces a diffusion model drew. Classification = the largest cosine between the embedding and the
@@ -31,10 +32,11 @@ REC_FILE = "world_rec.onnx"
 DET_FILE = "world_det.onnx"
 META_FILE = "world.safetensors"
 CROP = 112
+MAP_SIDES = (7, 4)     # the last feature map's side: the last stage keeps 7 x 7 or halves it to 4 x 4
 COSFACE_SCALE, COSFACE_MARGIN = 16.0, 0.2
 
 
-def _net(width: int = 16, emb_dim: int = 64):
+def _net(width: int = 16, emb_dim: int = 64, map_side: int = 7):
     import torch
     from torch import nn
 
@@ -59,10 +61,11 @@ def _net(width: int = 16, emb_dim: int = 64):
             # costs ~17 MMAC a face and trains in minutes on a shared CPU.
             self.stem = nn.Sequential(nn.AvgPool2d(4), nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c),
                                       nn.PReLU(c))
-            self.layers = nn.Sequential(Block(c, c * 2), Block(c * 2, c * 4), Block(c * 4, c * 8, stride=1))
-            self.bn2 = nn.BatchNorm2d(c * 8)          # its output is the 7 x 7 local map onnx_local exposes
+            last_stride = {7: 1, 4: 2}[map_side]      # 7 x 7 -> 4 x 4 (3x3 conv, padding 1)
+            self.layers = nn.Sequential(Block(c, c * 2), Block(c * 2, c * 4), Block(c * 4, c * 8, stride=last_stride))
+            self.bn2 = nn.BatchNorm2d(c * 8)          # its output is the local map onnx_local exposes
             self.dropout = nn.Dropout(0.1)
-            self.fc = nn.Linear(c * 8 * (CROP // 16) ** 2, emb_dim)      # 7 x 7 x 128 -> 64
+            self.fc = nn.Linear(c * 8 * map_side ** 2, emb_dim)      # 7 x 7 (or 4 x 4) x 128 -> 64
             self.features = nn.BatchNorm1d(emb_dim)
 
         def forward(self, x):
@@ -146,11 +149,14 @@ class TrainedRecognizer:
 
 def train_recognizer(world: World, steps: int = 600, batch: int = 64, train_size: int = 12000,
                      test_size: int = 2000, seed: int = 0, threads: int | None = None,
-                     log_every: int = 100) -> TrainedRecognizer:
-    """CosFace training on world crops (train split); accuracy on held-out appearances (test split)."""
+                     log_every: int = 100, map_side: int = 7) -> TrainedRecognizer:
+    """CosFace training on world crops (train split); accuracy on held-out appearances (test split).
+    ``map_side`` (7 or 4) is the side of the last feature map: the ID tokens per face are its square + 1."""
     import torch
     from torch.nn import functional as F
 
+    if map_side not in MAP_SIDES:
+        raise ValueError(f"map_side = {map_side}: use one of {MAP_SIDES}")
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.time()
@@ -158,7 +164,7 @@ def train_recognizer(world: World, steps: int = 600, batch: int = 64, train_size
     x_np, y_np = face_dataset(world, train_size, "recognizer", seed=seed)
     x = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()      # uint8, normalised per batch
     y = torch.from_numpy(y_np)
-    net = _net()
+    net = _net(map_side=map_side)
     k = len(world)
     w = torch.nn.Parameter(torch.randn(k, 64) * 0.1)
     opt = torch.optim.AdamW(list(net.parameters()) + [w], lr=3e-3, weight_decay=5e-4)
