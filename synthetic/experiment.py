@@ -123,8 +123,9 @@ def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
     ``--base-prediction`` would otherwise fit on the old base and report it as the new one)."""
     if not base_json.is_file():
         return
-    # bases written before the prediction setting existed are eps-prediction
-    built = {"prediction": "eps", "mixed_precision": "no", "vae_face_weight": 0.0, **json.loads(base_json.read_text()).get("config", {})}
+    # bases written before these settings existed: eps-prediction, fp32, plain L1 VAE
+    built = {"prediction": "eps", "mixed_precision": "no", "vae_face_weight": 0.0,
+             **json.loads(base_json.read_text()).get("config", {})}
     asked = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
              "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
              "mixed_precision": cfg.mixed_precision, "vae_face_weight": cfg.base_vae_face_weight}
@@ -132,6 +133,23 @@ def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
     if differ:
         what = ", ".join(f"{k}: built {b!r}, asked {a!r}" for k, (b, a) in differ.items())
         raise ValueError(f"{base_json.parent}: the world base there was built with other settings ({what}); "
+                         "use another --out, or --force to rebuild everything")
+
+
+def check_existing_pack(pack: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to reuse a world recognizer pack built with other settings than ``cfg`` asks (its ID tokens,
+    identities and world would silently differ from the ones the results name)."""
+    from .recognizer import load_classes
+
+    if not (pack / "world.safetensors").is_file():
+        return
+    _, meta = load_classes(pack)
+    built = {"identities": meta.get("identities"), "seed": meta.get("seed"),
+             "map_side": meta.get("map_side", "7")}       # packs written before map_side existed are 7 x 7
+    asked = {"identities": str(cfg.identities), "seed": str(cfg.seed), "map_side": str(cfg.recognizer_map_side)}
+    differ = [f"{k}: built {built[k]}, asked {v}" for k, v in asked.items() if built[k] != v]
+    if differ:
+        raise ValueError(f"{pack}: the world recognizer there was built with other settings ({', '.join(differ)}); "
                          "use another --out, or --force to rebuild everything")
 
 
@@ -163,6 +181,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2))}
     comfy_args = ["--comfyui", comfyui] if comfyui else []
     clock = _Clock()
+    if not force:   # before minutes of base training, not after
+        check_existing_pack(out / "models" / "models" / "synthetic_world", cfg)
     untrained = cfg.base == "tiny"
     if untrained:
         base = _tiny_base(out, comfyui, py)

@@ -145,6 +145,7 @@ class TrainedRecognizer:
     classes: np.ndarray         # (K, emb_dim) float32, L2-normalised class weights
     heldout_accuracy: float
     seconds: float
+    map_side: int = 7           # side of the net's last feature map
 
 
 def train_recognizer(world: World, steps: int = 600, batch: int = 64, train_size: int = 12000,
@@ -188,7 +189,8 @@ def train_recognizer(world: World, steps: int = 600, batch: int = 64, train_size
     classes = F.normalize(w.detach(), dim=1).numpy().astype(np.float32)
     xt, yt = face_dataset(world, test_size, "test", seed=seed + 1, augment=False)
     acc = float((classify(embed(net, xt), classes) == yt).mean())
-    return TrainedRecognizer(net=net, classes=classes, heldout_accuracy=acc, seconds=time.time() - t0)
+    return TrainedRecognizer(net=net, classes=classes, heldout_accuracy=acc, seconds=time.time() - t0,
+                             map_side=map_side)
 
 
 def embed(net, crops: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -234,7 +236,8 @@ def export_pack(trained: TrainedRecognizer, world: World, root: str | os.PathLik
                           dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}})
     os.replace(tmp, folder / REC_FILE)
     meta = {"format": "instantfamily-synthetic-world", "seed": str(world.seed), "identities": str(len(world)),
-            "heldout_accuracy": f"{trained.heldout_accuracy:.4f}", "train_seconds": f"{trained.seconds:.0f}"}
+            "heldout_accuracy": f"{trained.heldout_accuracy:.4f}", "train_seconds": f"{trained.seconds:.0f}",
+            "map_side": str(trained.map_side)}
     save_file({"classes": trained.classes}, str(folder / META_FILE), metadata=meta)
     return folder
 

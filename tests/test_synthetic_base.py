@@ -105,3 +105,53 @@ def test_experiment_mixed_precision_auto_follows_the_cpu_and_others_are_refused(
         assert resolve_mixed_precision(ExperimentConfig(mixed_precision=asked)).mixed_precision == asked
     with pytest.raises(ValueError, match="mixed_precision = 'fp16'"):
         resolve_mixed_precision(ExperimentConfig(mixed_precision="fp16"))
+
+
+def test_vae_face_weighted_l1_matches_hand_computation():
+    from instantfamily_nodes.synthetic.base import _vae_l1
+
+    # 1 picture, 2 x 2 pixels: the top-left one is a face (a channel above the world's cut, 127.5/255)
+    x = torch.tensor([[[[0.9, 0.1], [0.2, 0.3]], [[0.1, 0.1], [0.1, 0.1]], [[0.1, 0.2], [0.3, 0.4]]]])
+    y = x + torch.tensor([0.5, -0.2, 0.1, 0.3]).reshape(1, 1, 2, 2)     # the same error in every channel
+    # weights 1 + 4 on the face pixel, 1 elsewhere: (5 * 0.5 + 0.2 + 0.1 + 0.3) / (5 + 1 + 1 + 1)
+    assert float(_vae_l1(y, x, 4.0)) == pytest.approx((5 * 0.5 + 0.6) / 8, rel=1e-6)
+    assert float(_vae_l1(y, x, 0.0)) == pytest.approx(float(torch.nn.functional.l1_loss(y, x)), rel=1e-6)
+
+
+def test_an_experiment_refuses_a_base_with_another_vae_face_weight(tmp_path):
+    import json
+
+    from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_base
+
+    cfg = ExperimentConfig(mixed_precision="no", base_vae_face_weight=10.0)
+    built = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
+             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
+             "mixed_precision": "no"}                     # written before vae_face_weight existed: plain L1
+    path = tmp_path / "world_base.json"
+    path.write_text(json.dumps({"config": built}))
+    with pytest.raises(ValueError, match="vae_face_weight: built 0.0, asked 10.0"):
+        check_existing_base(path, cfg)
+    path.write_text(json.dumps({"config": {**built, "vae_face_weight": 10.0}}))
+    check_existing_base(path, cfg)
+
+
+def test_an_experiment_refuses_a_recognizer_pack_built_with_other_settings(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_pack
+
+    cfg = ExperimentConfig(identities=8, seed=0, recognizer_map_side=4)
+    check_existing_pack(tmp_path, cfg)                    # nothing built yet: nothing to check
+    meta = {"identities": "8", "seed": "0", "map_side": "4"}
+    save_file({"classes": np.zeros((8, 64), np.float32)}, str(tmp_path / "world.safetensors"), metadata=meta)
+    check_existing_pack(tmp_path, cfg)
+    with pytest.raises(ValueError, match="map_side: built 4, asked 7"):
+        check_existing_pack(tmp_path, ExperimentConfig(identities=8, seed=0))
+    # a pack from before map_side existed is 7 x 7
+    save_file({"classes": np.zeros((8, 64), np.float32)}, str(tmp_path / "world.safetensors"),
+              metadata={"identities": "8", "seed": "0"})
+    with pytest.raises(ValueError, match="map_side: built 7, asked 4"):
+        check_existing_pack(tmp_path, cfg)
+    with pytest.raises(ValueError, match="identities: built 8, asked 24"):
+        check_existing_pack(tmp_path, ExperimentConfig())

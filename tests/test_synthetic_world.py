@@ -188,6 +188,31 @@ def test_recognizer_through_the_pack_path(world_pack):
     assert correct / total > 0.9, (correct, total)
 
 
+def test_recognizer_with_a_4x4_map_gives_17_tokens_through_the_pack_path(tmp_path):
+    """map_side=4: the pack's ONNX edit exposes a 4 x 4 map (the torch net's, exactly), and the pack
+    records it; other sides are refused."""
+    from instantfamily_nodes.models.faces import encode_faces
+    from instantfamily_nodes.synthetic.recognizer import export_pack, load_classes, train_recognizer
+
+    world = World(6, seed=1)
+    trained = train_recognizer(world, steps=20, train_size=300, test_size=60, threads=1, log_every=0, map_side=4)
+    folder = export_pack(trained, world, tmp_path, "synthetic_world")
+    assert load_classes(folder)[1]["map_side"] == "4"
+    enc = _encoder(tmp_path, folder)
+    scene = world.scene(2, (128, 128), "test", 7)
+    faces = encode_faces(enc, scene.image)
+    grabbed = {}
+    trained.net.bn2.register_forward_hook(lambda m, i, o: grabbed.__setitem__("map", o))
+    from instantfamily_nodes.synthetic.recognizer import aligned_crops, embed
+
+    embed(trained.net, aligned_crops(scene.image, np.stack([f.kps for f in faces])))
+    ref = grabbed["map"].numpy().transpose(0, 2, 3, 1)
+    assert [f.local.shape for f in faces] == [(4, 4, 128)] * 2
+    np.testing.assert_allclose(np.stack([f.local for f in faces]), ref, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"map_side = 5: use one of \(7, 4\)"):
+        train_recognizer(world, steps=1, train_size=10, test_size=10, map_side=5)
+
+
 def test_score_positions_finds_identities_where_they_were_put(world_pack):
     from instantfamily_nodes.synthetic.recognizer import load_classes
     from instantfamily_nodes.synthetic.score import score_positions
