@@ -192,7 +192,13 @@ def test_recognizer_with_a_4x4_map_gives_17_tokens_through_the_pack_path(tmp_pat
     """map_side=4: the pack's ONNX edit exposes a 4 x 4 map (the torch net's, exactly), and the pack
     records it; other sides are refused."""
     from instantfamily_nodes.models.faces import encode_faces
-    from instantfamily_nodes.synthetic.recognizer import export_pack, load_classes, train_recognizer
+    from instantfamily_nodes.synthetic.recognizer import (
+        aligned_crops,
+        embed,
+        export_pack,
+        load_classes,
+        train_recognizer,
+    )
 
     world = World(6, seed=1)
     trained = train_recognizer(world, steps=20, train_size=300, test_size=60, threads=1, log_every=0, map_side=4)
@@ -203,8 +209,6 @@ def test_recognizer_with_a_4x4_map_gives_17_tokens_through_the_pack_path(tmp_pat
     faces = encode_faces(enc, scene.image)
     grabbed = {}
     trained.net.bn2.register_forward_hook(lambda m, i, o: grabbed.__setitem__("map", o))
-    from instantfamily_nodes.synthetic.recognizer import aligned_crops, embed
-
     embed(trained.net, aligned_crops(scene.image, np.stack([f.kps for f in faces])))
     ref = grabbed["map"].numpy().transpose(0, 2, 3, 1)
     assert [f.local.shape for f in faces] == [(4, 4, 128)] * 2
