@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from .base import BASE_MIXED_PRECISION
     from .base import BaseConfig as BaseDefaults
     from .experiment import MIXED_PRECISION
-    from .recognizer import MAP_SIDES
     from .experiment import ExperimentConfig as ExperimentDefaults
+    from .recognizer import MAP_SIDES
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m instantfamily_nodes.synthetic", description=__doc__.split("\n")[0])
