@@ -73,7 +73,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
     cfg = ExperimentConfig(base=args.base, scenes=args.scenes, people=args.people, size=args.size, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
-                           face_loss_weight=args.face_loss_weight,
+                           face_loss_weight=args.face_loss_weight, ema_decay=args.ema_decay,
                            ns=args.ns, bench_scenes=args.bench_scenes, sample_steps=args.sample_steps,
                            sample_cfg=args.sample_cfg,
                            identities=args.identities, seed=args.seed, base_vae_steps=args.base_vae_steps,
@@ -87,7 +87,8 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of every ``synthetic`` subcommand (each sets ``func``)."""
     from ..train.prediction import PREDICTIONS
     from .base import BASE_MIXED_PRECISION
     from .base import BaseConfig as BaseDefaults
@@ -95,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     from .experiment import ExperimentConfig as ExperimentDefaults
     from .recognizer import MAP_SIDES
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m instantfamily_nodes.synthetic", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("recognizer", help="train the world's recognition net and write its face pack")
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                    "rate falls (cosine) to a tenth, in both fits (0: constant, ControlNet's schedule)")
     e.add_argument("--face-loss-weight", type=float, default=d.face_loss_weight,
                    help="eps-MSE weight inside the ID masks is 1 + this, in both fits (0: the paper's loss)")
+    e.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="train fit's EMA of the trained tensors, in both fits; the exported files are the EMA "
+                        "(0: off)")
     e.add_argument("--ns", default=d.ns)
     e.add_argument("--bench-scenes", type=int, default=d.bench_scenes)
     e.add_argument("--sample-steps", type=int, default=d.sample_steps)
@@ -187,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--comfyui", default=None)
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_experiment)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -46,6 +46,7 @@ class ExperimentConfig:
     lr: float = 3e-4                 # projection and ControlNet
     lr_decay: float = 0.0            # train fit's lr_decay (0: constant; a fall at the end measured no gain)
     face_loss_weight: float = 3.0    # train fit's face_loss_weight (both fits); 0 = the paper's plain MSE
+    ema_decay: float = 0.0           # train fit's ema_decay (both fits; export then writes the EMA); 0 = off
     ns: str = "1,2,3,4,7"
     bench_scenes: int = 16           # per N
     sample_steps: int = 20
@@ -101,7 +102,7 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
             "batch_size": cfg.batch_size, "steps": cfg.steps, "lr_projection": cfg.lr, "lr_controlnet": cfg.lr,
             "lr_warmup": min(100, cfg.steps // 10), "lr_decay": cfg.lr_decay, "num_workers": 0, "validate_every": 0,
             "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed,
-            "face_loss_weight": cfg.face_loss_weight, "mixed_precision": cfg.mixed_precision, **(extra or {})}
+            "face_loss_weight": cfg.face_loss_weight, "ema_decay": cfg.ema_decay, "mixed_precision": cfg.mixed_precision, **(extra or {})}
     cmd = [py, "-m", "instantfamily_nodes.train", "fit", "--no-progress", "--device", "cpu"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]

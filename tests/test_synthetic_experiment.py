@@ -184,3 +184,27 @@ def test_unmasked_training_option_shows_every_id_everywhere():
         binding = TrainModel.binding(host, batch, layout)
         assert torch.equal(binding.masks.masks, expected)
         assert torch.equal(binding.masks.strength, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_experiment_options_reach_train_fit(monkeypatch, tmp_path):
+    """--ema-decay (and the other fit options) go to `train fit` as --set keys the trainer's config has, so
+    the exported files are the EMA's; the commands are recorded, not run (train fit itself is tested in
+    tests/test_train_fit.py, EMA export in tests/test_train_export.py)."""
+    from dataclasses import replace
+
+    from instantfamily_nodes.synthetic import experiment as E
+    from instantfamily_nodes.synthetic.__main__ import build_parser
+    from instantfamily_nodes.train.config import TrainConfig
+
+    args = build_parser().parse_args(["experiment", "--out", str(tmp_path), "--ema-decay", "0.997"])
+    assert args.ema_decay == 0.997 and E.ExperimentConfig().ema_decay == 0.0
+    ran: list[list[str]] = []
+    monkeypatch.setattr(E, "_run", lambda cmd, env=None: ran.append(cmd))
+    cfg = replace(CI, ema_decay=args.ema_decay, face_loss_weight=5.0)
+    E._fit_and_export("python", {}, cfg, "base.safetensors", tmp_path / "shards", tmp_path / "run",
+                      tmp_path / "w.safetensors", tmp_path / "c.safetensors", force=False)
+    fit, export = ran
+    sets = dict(fit[i + 1].split("=", 1) for i, a in enumerate(fit) if a == "--set")
+    assert sets["ema_decay"] == "0.997" and sets["face_loss_weight"] == "5.0" and sets["steps"] == str(CI.steps)
+    assert set(sets) <= set(TrainConfig().to_dict()), set(sets) - set(TrainConfig().to_dict())
+    assert export[3] == "export" and "--no-ema" not in export

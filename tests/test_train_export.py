@@ -138,3 +138,30 @@ def test_export_refuses_what_it_cannot_write(exported, tmp_path):
     with pytest.raises(ExportError, match=".safetensors"):
         export_files(ck.model_state, ck.config, tmp_path / "w.pt", tmp_path / "c.safetensors")
     assert not np.any([p.name.endswith(".tmp") for p in tmp_path.iterdir()])
+
+
+def test_export_writes_the_ema_weights_unless_told_not_to(exported, tmp_path):
+    """A checkpoint holding EMA tensors exports the EMA by default and the raw tensors with --no-ema
+    (what `synthetic experiment --ema-decay` relies on)."""
+    from instantfamily_nodes.train.__main__ import main
+    from instantfamily_nodes.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(exported["ckdir"])
+    ema = {k: v.float() * 0.5 + 0.25 for k, v in ck.model_state.items()}     # differs from the raw everywhere
+    ckdir = tmp_path / "checkpoints"
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    save_checkpoint(ckdir, 9, ck.model_state, opt, None, ema, {}, {"samples": 0}, ck.config)
+    from instantfamily_nodes.models.weights import load_weights
+
+    written = {}
+    for flag in ([], ["--no-ema"]):
+        w, c = tmp_path / f"w{len(flag)}.safetensors", tmp_path / f"c{len(flag)}.safetensors"
+        assert main(["export", "--checkpoint-dir", str(ckdir), "--out-weights", str(w), "--out-controlnet",
+                     str(c), "--dtype", "fp32"] + flag) == 0
+        written[bool(flag)] = load_weights(w).projection().state_dict()
+    keys = [k for k in ck.model_state if k.startswith("projection.")]
+    assert keys and len(keys) == len(written[False])
+    for k in keys:
+        name = k[len("projection."):]
+        assert torch.equal(written[False][name], ema[k]), k
+        assert torch.equal(written[True][name], ck.model_state[k].float()), k

@@ -375,3 +375,32 @@ def test_run_log_adds_columns_and_a_resume_drops_the_rerun_steps(tmp_path):
     F.RunLog(tmp_path, resume_step=2).close()    # resumed from step 2: step 3 will be logged again
     assert (tmp_path / "logs" / "train.csv").read_text().split() == text[:4]
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_ema_follows_the_trained_tensors_by_hand_computation():
+    """EMA after each update: e <- decay * e + (1 - decay) * w, started at the initial tensors, in fp32,
+    checked in float64 by hand over three steps; non-float tensors are copied."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+            self.register_buffer("count", torch.tensor([3]))
+
+        def trainable_state_dict(self):
+            return {"w": self.w, "count": self.count}
+
+    net, d = Net(), 0.9
+    ema = F.EMA(net, d)
+    expected = np.array([1.0, -2.0, 0.5])
+    for w_next, count in (([2.0, 0.0, 0.5], 4), ([0.0, 4.0, -1.5], 5), ([1.0, 1.0, 1.0], 6)):
+        with torch.no_grad():
+            net.w.copy_(torch.tensor(w_next))
+            net.count.fill_(count)
+        ema.update(net)
+        expected = d * expected + (1 - d) * np.array(w_next, np.float64)
+        assert ema.state["w"].dtype == torch.float32
+        np.testing.assert_allclose(ema.state["w"].numpy(), expected, rtol=1e-6, atol=1e-7)
+        assert ema.state["count"].item() == count
+    # the live tensors are untouched by the average
+    assert torch.equal(net.w.detach(), torch.tensor([1.0, 1.0, 1.0]))
