@@ -102,7 +102,8 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
             "batch_size": cfg.batch_size, "steps": cfg.steps, "lr_projection": cfg.lr, "lr_controlnet": cfg.lr,
             "lr_warmup": min(100, cfg.steps // 10), "lr_decay": cfg.lr_decay, "num_workers": 0, "validate_every": 0,
             "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed,
-            "face_loss_weight": cfg.face_loss_weight, "ema_decay": cfg.ema_decay, "mixed_precision": cfg.mixed_precision, **(extra or {})}
+            "face_loss_weight": cfg.face_loss_weight, "ema_decay": cfg.ema_decay,
+            "mixed_precision": cfg.mixed_precision, **(extra or {})}
     cmd = [py, "-m", "instantfamily_nodes.train", "fit", "--no-progress", "--device", "cpu"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]

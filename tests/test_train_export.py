@@ -143,6 +143,7 @@ def test_export_refuses_what_it_cannot_write(exported, tmp_path):
 def test_export_writes_the_ema_weights_unless_told_not_to(exported, tmp_path):
     """A checkpoint holding EMA tensors exports the EMA by default and the raw tensors with --no-ema
     (what `synthetic experiment --ema-decay` relies on)."""
+    from instantfamily_nodes.models.weights import load_weights
     from instantfamily_nodes.train.__main__ import main
     from instantfamily_nodes.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -151,8 +152,6 @@ def test_export_writes_the_ema_weights_unless_told_not_to(exported, tmp_path):
     ckdir = tmp_path / "checkpoints"
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     save_checkpoint(ckdir, 9, ck.model_state, opt, None, ema, {}, {"samples": 0}, ck.config)
-    from instantfamily_nodes.models.weights import load_weights
-
     written = {}
     for flag in ([], ["--no-ema"]):
         w, c = tmp_path / f"w{len(flag)}.safetensors", tmp_path / f"c{len(flag)}.safetensors"
