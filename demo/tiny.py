@@ -113,7 +113,8 @@ def register_tiny_model_type() -> type:
     """Teach this process's ComfyUI to load the tiny checkpoint/ControlNet and the synthetic world's base
     (same UNet, WORLD_LATENT_CHANNELS latent channels; synthetic/base.py). Idempotent; returns the tiny class.
 
-    Test/demo only: it adds model types matching model_channels=32 / context 768, which no real model has."""
+    Test/demo only: it adds model types matching context 768 with channel_mult [1, 2, 2, 2] (the tiny one
+    also model_channels=32, the world one in_channels 16), which no real model has."""
     import comfy.supported_models
     import comfy.supported_models_base
 
@@ -143,7 +144,10 @@ def register_tiny_model_type() -> type:
 
     class InstantFamilyWorldSD15(InstantFamilyTinySD15):
         instantfamily_world = True
-        unet_config = {**InstantFamilyTinySD15.unet_config, "in_channels": WORLD_LATENT_CHANNELS}
+        # any width: synthetic base --unet-channels trains wider world UNets; in_channels 16 and context 768
+        # with channel_mult [1, 2, 2, 2] still match nothing real
+        unet_config = {**{k: v for k, v in InstantFamilyTinySD15.unet_config.items() if k != "model_channels"},
+                       "in_channels": WORLD_LATENT_CHANNELS}
         latent_format = _world_latent_format()
 
         def inpaint_model(self):

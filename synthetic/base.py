@@ -62,6 +62,7 @@ class BaseConfig:
     vae_scenes: int = 400           # scenes the crops are cut from
     vae_face_weight: float = 0.0    # extra L1 weight on face pixels (0: plain L1); speeds up faces in short runs
     latent_std: float = 1.0         # std of the encoded latents (vae_scale / vae_shift); see train_vae
+    unet_channels: int = 32         # the UNet's model_channels (SD1.5: 320); a multiple of 32 (GroupNorm's groups)
     unet_steps: int = 3500
     unet_batch: int = 16
     unet_lr: float = 5e-4
@@ -193,6 +194,9 @@ def train_vae(world: World, cfg: BaseConfig, log: Callable[[str], None] = logger
 
 def _check_config(cfg: BaseConfig) -> None:
     check_prediction(cfg.prediction)     # before minutes of VAE training, not after
+    if cfg.unet_channels < 32 or cfg.unet_channels % 32:
+        raise ValueError(f"unet_channels = {cfg.unet_channels}: must be a positive multiple of 32 (the UNet's "
+                         "GroupNorm has 32 groups); try 32, 64 or 96")
     if cfg.mixed_precision not in BASE_MIXED_PRECISION:
         raise ValueError(f"mixed_precision = {cfg.mixed_precision!r}: must be one of {BASE_MIXED_PRECISION}")
     if cfg.prediction == "v" and cfg.unet_noise_weight_cap > 1:
@@ -390,7 +394,8 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet_cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS)
+    unet_cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS,
+                    model_channels=cfg.unet_channels)
     unet0 = init_weights(UNetModel(**unet_cfg, **UNET_EXTRA, operations=comfy.ops.disable_weight_init,
                                    device="cpu", dtype=torch.float32), cfg.seed)
     clip_sd = clip_state_dict(cfg.seed + 2)

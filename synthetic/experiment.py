@@ -55,6 +55,7 @@ class ExperimentConfig:
     seed: int = 0
     base_vae_steps: int = 1500
     base_unet_steps: int = 3500
+    base_unet_channels: int = 32     # the world UNet's model_channels (and so the ControlNet's)
     base_vae_face_weight: float = 0.0    # the base VAE's extra L1 weight on face pixels
     base_prediction: str = "v"       # the base UNet's target: "v" or "eps" (SD1.5's; worse here: README)
     recognizer_steps: int = 600
@@ -126,11 +127,12 @@ def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:
     if not base_json.is_file():
         return
     # bases written before these settings existed: eps-prediction, fp32, plain L1 VAE
-    built = {"prediction": "eps", "mixed_precision": "no", "vae_face_weight": 0.0,
+    built = {"prediction": "eps", "mixed_precision": "no", "vae_face_weight": 0.0, "unet_channels": 32,
              **json.loads(base_json.read_text()).get("config", {})}
     asked = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
              "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
-             "mixed_precision": cfg.mixed_precision, "vae_face_weight": cfg.base_vae_face_weight}
+             "mixed_precision": cfg.mixed_precision, "vae_face_weight": cfg.base_vae_face_weight,
+             "unet_channels": cfg.base_unet_channels}
     differ = {k: (built.get(k), v) for k, v in asked.items() if built.get(k) != v}
     if differ:
         what = ", ".join(f"{k}: built {b!r}, asked {a!r}" for k, (b, a) in differ.items())
@@ -198,6 +200,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str |
             [py, "-m", "instantfamily_nodes.synthetic", "base", "--out", str(out / "base"), "--size", str(cfg.size),
              "--identities", str(cfg.identities), "--seed", str(cfg.seed), "--vae-steps", str(cfg.base_vae_steps),
              "--unet-steps", str(cfg.base_unet_steps), "--unet-scenes", str(cfg.base_unet_scenes),
+             "--unet-channels", str(cfg.base_unet_channels),
              "--prediction", cfg.base_prediction, "--mixed-precision", cfg.mixed_precision,
              "--vae-face-weight", str(cfg.base_vae_face_weight)] + comfy_args, env))
     else:

@@ -99,6 +99,13 @@ def test_register_tiny_model_type_is_idempotent_and_leaves_sd15_alone(comfyui):
         dict(tiny.UNET_CONFIG, in_channels=tiny.WORLD_LATENT_CHANNELS, out_channels=tiny.WORLD_LATENT_CHANNELS))
     assert getattr(world, "instantfamily_world", False) and world.latent_format.latent_channels == 16
     assert not world.inpaint_model()
+    # wider world UNets (synthetic base --unet-channels) are the world type too, never the 32-channel tiny one
+    for width in (64, 96):
+        wide = comfy.model_detection.model_config_from_unet_config(
+            dict(tiny.UNET_CONFIG, model_channels=width, in_channels=tiny.WORLD_LATENT_CHANNELS,
+                 out_channels=tiny.WORLD_LATENT_CHANNELS))
+        assert getattr(wide, "instantfamily_world", False)
+    assert comfy.model_detection.model_config_from_unet_config(dict(tiny.UNET_CONFIG, model_channels=64)) is None
 
 
 def test_tiny_checkpoint_and_controlnet_load_through_core_nodes_and_sample(comfy_headless, tiny_models):

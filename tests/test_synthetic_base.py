@@ -53,6 +53,10 @@ def test_base_config_refuses_unknown_predictions_and_eps_weights_with_v():
         _check_config(BaseConfig(prediction="v", unet_noise_weight_cap=10.0))
     with pytest.raises(ValueError, match="mixed_precision = 'fp16'"):
         _check_config(BaseConfig(mixed_precision="fp16"))
+    _check_config(BaseConfig(unet_channels=64))
+    for bad in (0, 48, 100):                             # GroupNorm's 32 groups must divide every width
+        with pytest.raises(ValueError, match=f"unet_channels = {bad}: must be a positive multiple of 32"):
+            _check_config(BaseConfig(unet_channels=bad))
 
 
 def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
@@ -155,3 +159,21 @@ def test_an_experiment_refuses_a_recognizer_pack_built_with_other_settings(tmp_p
         check_existing_pack(tmp_path, cfg)
     with pytest.raises(ValueError, match="identities: built 8, asked 24"):
         check_existing_pack(tmp_path, ExperimentConfig())
+
+
+def test_an_experiment_refuses_a_base_of_another_width(tmp_path):
+    import json
+
+    from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_base
+
+    cfg = ExperimentConfig(mixed_precision="no", base_unet_channels=64)
+    built = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
+             "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
+             "mixed_precision": "no", "vae_face_weight": 0.0}   # written before unet_channels existed: 32
+    path = tmp_path / "world_base.json"
+    path.write_text(json.dumps({"config": built}))
+    with pytest.raises(ValueError, match="unet_channels: built 32, asked 64"):
+        check_existing_base(path, cfg)
+    check_existing_base(path, ExperimentConfig(mixed_precision="no"))
+    path.write_text(json.dumps({"config": {**built, "unet_channels": 64}}))
+    check_existing_base(path, cfg)

@@ -208,3 +208,31 @@ def test_experiment_options_reach_train_fit(monkeypatch, tmp_path):
     assert sets["ema_decay"] == "0.997" and sets["face_loss_weight"] == "5.0" and sets["steps"] == str(CI.steps)
     assert set(sets) <= set(TrainConfig().to_dict()), set(sets) - set(TrainConfig().to_dict())
     assert export[3] == "export" and "--no-ema" not in export
+
+
+def test_experiment_base_width_reaches_synthetic_base(monkeypatch, tmp_path):
+    """--base-unet-channels goes to `synthetic base --unet-channels`, whose parser makes it the BaseConfig
+    width (the command is recorded and the run stopped there; a wide base's ComfyUI type is checked in
+    tests/test_demo.py, the smoke of a whole 64-channel experiment is in README)."""
+    from dataclasses import replace
+
+    from instantfamily_nodes.synthetic import experiment as E
+    from instantfamily_nodes.synthetic.__main__ import build_parser
+
+    class Stop(Exception):
+        pass
+
+    ran: list[list[str]] = []
+
+    def record(cmd, env=None):
+        ran.append(cmd)
+        raise Stop
+
+    args = build_parser().parse_args(["experiment", "--out", str(tmp_path), "--base-unet-channels", "64"])
+    assert args.base_unet_channels == 64 and E.ExperimentConfig().base_unet_channels == 32
+    monkeypatch.setattr(E, "_run", record)
+    with pytest.raises(Stop):
+        E.run_experiment(tmp_path, replace(CI, base_unet_channels=args.base_unet_channels))
+    (cmd,) = ran
+    assert cmd[1:4] == ["-m", "instantfamily_nodes.synthetic", "base"]
+    assert build_parser().parse_args(cmd[3:]).unet_channels == 64
