@@ -55,7 +55,7 @@ class ExperimentConfig:
     seed: int = 0
     base_vae_steps: int = 1500
     base_unet_steps: int = 3500
-    base_unet_channels: int = 32     # the world UNet's model_channels (and so the ControlNet's)
+    base_unet_channels: int = 64     # the world UNet's model_channels (and so the ControlNet's); 32 before 2026-12-07
     base_vae_face_weight: float = 0.0    # the base VAE's extra L1 weight on face pixels
     base_prediction: str = "v"       # the base UNet's target: "v" or "eps" (SD1.5's; worse here: README)
     recognizer_steps: int = 600

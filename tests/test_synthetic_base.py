@@ -64,7 +64,7 @@ def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
 
     from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_base
 
-    cfg = ExperimentConfig(mixed_precision="bf16")       # run_experiment checks with "auto" resolved
+    cfg = ExperimentConfig(mixed_precision="bf16", base_unet_channels=32)   # "auto" resolved; built: 32
     built = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
              "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
              "mixed_precision": "bf16"}
@@ -79,11 +79,11 @@ def test_an_experiment_refuses_a_base_built_with_other_settings(tmp_path):
     old = {k: v for k, v in built.items() if k not in ("prediction", "mixed_precision")}
     path.write_text(json.dumps({"config": old}))
     with pytest.raises(ValueError, match="prediction: built 'eps', asked 'v'"):
-        check_existing_base(path, ExperimentConfig(base_prediction="v", mixed_precision="no"))
+        check_existing_base(path, ExperimentConfig(base_unet_channels=32, base_prediction="v", mixed_precision="no"))
     # ... and fp32: refused when bf16 is asked
     with pytest.raises(ValueError, match="mixed_precision: built 'no', asked 'bf16'"):
-        check_existing_base(path, ExperimentConfig(base_prediction="eps", mixed_precision="bf16"))
-    check_existing_base(path, ExperimentConfig(base_prediction="eps", mixed_precision="no"))
+        check_existing_base(path, ExperimentConfig(base_unet_channels=32, base_prediction="eps", mixed_precision="bf16"))
+    check_existing_base(path, ExperimentConfig(base_unet_channels=32, base_prediction="eps", mixed_precision="no"))
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
@@ -127,7 +127,7 @@ def test_an_experiment_refuses_a_base_with_another_vae_face_weight(tmp_path):
 
     from instantfamily_nodes.synthetic.experiment import ExperimentConfig, check_existing_base
 
-    cfg = ExperimentConfig(mixed_precision="no", base_vae_face_weight=10.0)
+    cfg = ExperimentConfig(mixed_precision="no", base_vae_face_weight=10.0, base_unet_channels=32)
     built = {"size": cfg.size, "identities": cfg.identities, "seed": cfg.seed, "vae_steps": cfg.base_vae_steps,
              "unet_steps": cfg.base_unet_steps, "unet_scenes": cfg.base_unet_scenes, "prediction": cfg.base_prediction,
              "mixed_precision": "no"}                     # written before vae_face_weight existed: plain L1
@@ -174,6 +174,6 @@ def test_an_experiment_refuses_a_base_of_another_width(tmp_path):
     path.write_text(json.dumps({"config": built}))
     with pytest.raises(ValueError, match="unet_channels: built 32, asked 64"):
         check_existing_base(path, cfg)
-    check_existing_base(path, ExperimentConfig(mixed_precision="no"))
+    check_existing_base(path, ExperimentConfig(mixed_precision="no", base_unet_channels=32))
     path.write_text(json.dumps({"config": {**built, "unet_channels": 64}}))
     check_existing_base(path, cfg)

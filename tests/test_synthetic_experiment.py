@@ -33,7 +33,8 @@ from instantfamily_nodes.synthetic.experiment import ExperimentConfig, run_exper
 CI = ExperimentConfig(base="world", scenes=200, people="1,2,3,4", size=64, steps=300, batch_size=8, lr=1e-3, ns="1,2",
                       bench_scenes=8, sample_steps=8, identities=8, seed=0, base_vae_steps=250,
                       base_vae_face_weight=10.0, base_unet_steps=150, base_unet_scenes=300, recognizer_steps=100,
-                      recognizer_train_size=2000, recognizer_map_side=4, unmasked_baseline=False)
+                      recognizer_train_size=2000, recognizer_map_side=4, unmasked_baseline=False,
+                      base_unet_channels=32)
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +229,11 @@ def test_experiment_base_width_reaches_synthetic_base(monkeypatch, tmp_path):
         ran.append(cmd)
         raise Stop
 
-    args = build_parser().parse_args(["experiment", "--out", str(tmp_path), "--base-unet-channels", "64"])
-    assert args.base_unet_channels == 64 and E.ExperimentConfig().base_unet_channels == 32
+    args = build_parser().parse_args(["experiment", "--out", str(tmp_path), "--base-unet-channels", "96"])
+    assert args.base_unet_channels == 96 and E.ExperimentConfig().base_unet_channels == 64
     monkeypatch.setattr(E, "_run", record)
     with pytest.raises(Stop):
         E.run_experiment(tmp_path, replace(CI, base_unet_channels=args.base_unet_channels))
     (cmd,) = ran
     assert cmd[1:4] == ["-m", "instantfamily_nodes.synthetic", "base"]
-    assert build_parser().parse_args(cmd[3:]).unet_channels == 64
+    assert build_parser().parse_args(cmd[3:]).unet_channels == 96
