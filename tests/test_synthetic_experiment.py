@@ -214,7 +214,7 @@ def test_experiment_options_reach_train_fit(monkeypatch, tmp_path):
 def test_experiment_base_width_reaches_synthetic_base(monkeypatch, tmp_path):
     """--base-unet-channels goes to `synthetic base --unet-channels`, whose parser makes it the BaseConfig
     width (the command is recorded and the run stopped there; a wide base's ComfyUI type is checked in
-    tests/test_demo.py, the smoke of a whole 64-channel experiment is in README)."""
+    tests/test_demo.py, a whole 64-channel experiment's results in README)."""
     from dataclasses import replace
 
     from instantfamily_nodes.synthetic import experiment as E
