@@ -101,7 +101,7 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
         shutil.rmtree(run, ignore_errors=True)
     sets = {"data": shards, "out": run, "checkpoint": base, "resolution": cfg.size, "n_ids": 4,
             "batch_size": cfg.batch_size, "steps": cfg.steps, "lr_projection": cfg.lr, "lr_controlnet": cfg.lr,
-            "lr_warmup": min(100, cfg.steps // 10), "lr_decay": cfg.lr_decay, "num_workers": 0, "validate_every": 0,
+            "lr_warmup": _warmup_steps(cfg, run), "lr_decay": cfg.lr_decay, "num_workers": 0, "validate_every": 0,
             "checkpoint_every": max(1, min(cfg.steps, 500)), "keep_last": 1, "seed": cfg.seed,
             "face_loss_weight": cfg.face_loss_weight, "ema_decay": cfg.ema_decay,
             "mixed_precision": cfg.mixed_precision, **(extra or {})}
@@ -113,6 +113,17 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
     _run(cmd, env)
     _run([py, "-m", "instantfamily_nodes.train", "export", "--checkpoint-dir", str(run / "checkpoints"),
           "--out-weights", str(weights), "--out-controlnet", str(controlnet)], env)
+
+
+def _warmup_steps(cfg: ExperimentConfig, run: Path) -> int:
+    """A tenth of the fit's steps, at most 100; a resumed fit keeps its checkpoint's warm-up (the trainer
+    refuses a resume whose schedule changed, and under 1,000 steps more ``--steps`` would change it)."""
+    from ..train.checkpoint import step_dir_name
+
+    step = _trained_steps(run)
+    if step:
+        return int(json.loads((run / "checkpoints" / step_dir_name(step) / "config.json").read_text())["lr_warmup"])
+    return min(100, cfg.steps // 10)
 
 
 def _trained_steps(run: Path) -> int:

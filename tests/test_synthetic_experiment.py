@@ -237,3 +237,39 @@ def test_experiment_base_width_reaches_synthetic_base(monkeypatch, tmp_path):
     (cmd,) = ran
     assert cmd[1:4] == ["-m", "instantfamily_nodes.synthetic", "base"]
     assert build_parser().parse_args(cmd[3:]).unet_channels == 96
+
+
+def test_experiment_rerun_with_more_steps_keeps_the_fits_schedule(monkeypatch, tmp_path):
+    """A rerun with more --steps resumes the fit: under 1,000 steps the warm-up (a tenth of the steps) would
+    change with them and the trainer's own resume check would refuse; the resumed fit keeps its checkpoint's.
+    The commands are recorded, not run; the check is the trainer's (`check_resume_config`)."""
+    from dataclasses import replace
+
+    from instantfamily_nodes.synthetic import experiment as E
+    from instantfamily_nodes.train.checkpoint import step_dir_name
+    from instantfamily_nodes.train.config import load_config
+    from instantfamily_nodes.train.fit import ResumeError, check_resume_config
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(E, "_run", lambda cmd, env=None: ran.append(cmd))
+    run = tmp_path / "run"
+
+    def fit_config(steps: int):
+        ran.clear()
+        E._fit_and_export("python", {}, replace(CI, steps=steps), "base.safetensors", tmp_path / "shards", run,
+                          tmp_path / "w.safetensors", tmp_path / "c.safetensors", force=False)
+        fit = ran[0]
+        return load_config(None, [fit[i + 1] for i, a in enumerate(fit) if a == "--set"]), "--resume" in fit
+
+    first, resumed = fit_config(300)
+    assert first.lr_warmup == 30 and not resumed
+    # the trainer's checkpoint of that fit at step 300 (its config.json is the run's config)
+    ckpt = run / "checkpoints" / step_dir_name(300)
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps(first.to_dict()))
+    more, resumed = fit_config(450)
+    assert resumed and more.steps == 450 and more.lr_warmup == 30
+    check_resume_config(first.to_dict(), more, ckpt)      # accepted: only the step count changed
+    # what a tenth of 450 would have asked, refused by the same check
+    with pytest.raises(ResumeError, match="lr_warmup"):
+        check_resume_config(first.to_dict(), replace(more, lr_warmup=45), ckpt)
