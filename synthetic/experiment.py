@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -118,18 +117,20 @@ def _fit_and_export(py: str, env: dict, cfg: ExperimentConfig, base: str, shards
 def _warmup_steps(cfg: ExperimentConfig, run: Path) -> int:
     """A tenth of the fit's steps, at most 100; a resumed fit keeps its checkpoint's warm-up (the trainer
     refuses a resume whose schedule changed, and under 1,000 steps more ``--steps`` would change it)."""
-    from ..train.checkpoint import step_dir_name
+    from ..train.checkpoint import latest_checkpoint
 
-    step = _trained_steps(run)
-    if step:
-        return int(json.loads((run / "checkpoints" / step_dir_name(step) / "config.json").read_text())["lr_warmup"])
+    newest = latest_checkpoint(run / "checkpoints")
+    if newest is not None:
+        return int(json.loads((newest / "config.json").read_text())["lr_warmup"])
     return min(100, cfg.steps // 10)
 
 
 def _trained_steps(run: Path) -> int:
-    """The step of the run's newest checkpoint (0 when none): a rerun with more ``--steps`` resumes."""
-    steps = [int(m.group(1)) for d in (run / "checkpoints").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", d.name))]
-    return max(steps, default=0)
+    """The step of the run's newest complete checkpoint (0 when none): a rerun with more ``--steps`` resumes."""
+    from ..train.checkpoint import checkpoints
+
+    found = checkpoints(run / "checkpoints")
+    return found[-1][0] if found else 0
 
 
 def check_existing_base(base_json: Path, cfg: ExperimentConfig) -> None:

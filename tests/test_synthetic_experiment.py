@@ -246,7 +246,7 @@ def test_experiment_rerun_with_more_steps_keeps_the_fits_schedule(monkeypatch, t
     from dataclasses import replace
 
     from instantfamily_nodes.synthetic import experiment as E
-    from instantfamily_nodes.train.checkpoint import step_dir_name
+    from instantfamily_nodes.train.checkpoint import save_checkpoint
     from instantfamily_nodes.train.config import load_config
     from instantfamily_nodes.train.fit import ResumeError, check_resume_config
 
@@ -263,10 +263,11 @@ def test_experiment_rerun_with_more_steps_keeps_the_fits_schedule(monkeypatch, t
 
     first, resumed = fit_config(300)
     assert first.lr_warmup == 30 and not resumed
-    # the trainer's checkpoint of that fit at step 300 (its config.json is the run's config)
-    ckpt = run / "checkpoints" / step_dir_name(300)
-    ckpt.mkdir(parents=True)
-    (ckpt / "config.json").write_text(json.dumps(first.to_dict()))
+    # that fit's checkpoint at step 300, written by the trainer's own writer (one stand-in weight)
+    w = torch.nn.Parameter(torch.zeros(1))
+    ckpt = save_checkpoint(run / "checkpoints", 300, {"w": w.detach()}, torch.optim.AdamW([w]), None, None, {}, {},
+                           first.to_dict())
+    assert E._trained_steps(run) == 300
     more, resumed = fit_config(450)
     assert resumed and more.steps == 450 and more.lr_warmup == 30
     check_resume_config(first.to_dict(), more, ckpt)      # accepted: only the step count changed
