@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             pose_file = work / "input" / f"pose_{n}_{k}.json"
             pose_file.write_text(json.dumps(scene.pose_keypoint()))
             Image.fromarray(scene.image).save(work / "input" / f"scene_{n}_{k}.png")
-            res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))
+            res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))   # own executor: keeps the world graph cached
             img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
             score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores["vae_roundtrip"][n])
             row = [np.concatenate([world.portrait(i, (128, 128), "reference", k).image for i in scene.identities], 1),
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = world_prompt(refs, str(pose_file), scene.hw, scene.caption, names, unmasked=(v in ("unmasked", "trained_unmasked")),
                                       second_model=(v == "trained_unmasked"), steps=args.steps, seed=args.seed + k,
                                       cfg=args.cfg)
-                res = run_prompt(prompt)
+                res = run_prompt(prompt, keep_cache=True)
                 img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
                 score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores[v][n])
                 row.append(img)

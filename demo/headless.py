@@ -63,6 +63,7 @@ class _State:
     comfyui: Path | None = None
     pack_loaded: bool = False
     yamls: set[str] = field(default_factory=set)
+    executor: Any = None     # the kept PromptExecutor of run_prompt(keep_cache=True)
 
 
 _STATE = _State()
@@ -219,8 +220,12 @@ def validate(prompt: dict, prompt_id: str = "validate", strict: bool = True) -> 
 
 
 def run_prompt(prompt: dict, prompt_id: str | None = None,
-               on_message: Callable[[str, dict], None] | None = None) -> RunResult:
-    """Validate and execute an API-format prompt in this process (after :func:`setup_comfyui`)."""
+               on_message: Callable[[str, dict], None] | None = None, keep_cache: bool = False) -> RunResult:
+    """Validate and execute an API-format prompt in this process (after :func:`setup_comfyui`).
+
+    ``keep_cache``: run on one executor kept between such calls, as ComfyUI's server does, so nodes whose
+    inputs did not change (checkpoint, ControlNet and face-model loaders) are not run again; without it
+    every call starts from an empty cache."""
     import execution
 
     if _STATE.comfyui is None:
@@ -228,7 +233,13 @@ def run_prompt(prompt: dict, prompt_id: str | None = None,
     prompt_id = prompt_id or str(uuid.uuid4())
     outputs = validate(prompt, prompt_id)
     stub = _ServerStub(on_message)
-    executor = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC)
+    if keep_cache:
+        if _STATE.executor is None:
+            _STATE.executor = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC)
+        executor = _STATE.executor
+        executor.server, executor.success = stub, True     # a failed run before must not mark this one
+    else:
+        executor = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC)
     t0 = time.perf_counter()
     executor.execute(prompt, prompt_id, {"client_id": "instantfamily-demo"}, outputs)
     seconds = time.perf_counter() - t0

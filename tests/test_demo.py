@@ -164,6 +164,43 @@ def test_every_shipped_workflow_validates_and_runs_headless(comfy_headless, tiny
                 assert (h, w) == workflows.picture_size(prompt) and max(w, h) <= 256
 
 
+def test_kept_cache_reruns_only_what_changed_and_matches_a_fresh_run(comfy_headless, tiny_models):
+    """run_prompt(keep_cache=True) keeps one executor, as ComfyUI's server does: a second run of the same
+    graph re-executes nothing whose inputs are unchanged (the loaders), a new seed re-samples, and each
+    picture equals the one a fresh executor draws for that prompt (no stale output)."""
+    import numpy as np
+    from PIL import Image
+
+    from instantfamily_nodes.demo import workflows
+
+    import folder_paths
+
+    from instantfamily_nodes.demo.__main__ import _prepare_inputs
+
+    prompt = workflows.bind(workflows.load_workflow("pose_controlnet_plumbing"), _tiny_choice(tiny_models),
+                            max_side=128, steps=2)
+    _prepare_inputs(prompt, Path(folder_paths.get_input_directory()), [], [], synthetic_ok=True)
+    (sampler,) = [k for k, n in prompt.items() if n["class_type"] == "KSampler"]
+    (saver,) = [k for k, v in workflows.save_image_nodes(prompt).items() if v.endswith("/image")]
+
+    def picture(result):
+        return np.asarray(Image.open(result.image_files(saver)[-1]))
+
+    def cached(result):
+        return set(sum((d["nodes"] for ev, d in result.messages if ev == "execution_cached"), []))
+
+    comfy_headless._STATE.executor = None
+    first = comfy_headless.run_prompt(prompt, keep_cache=True)
+    again = comfy_headless.run_prompt(prompt, keep_cache=True)
+    assert not cached(first) and cached(again) == set(prompt)       # nothing changed: nothing re-ran
+    reseeded = {**prompt, sampler: {**prompt[sampler], "inputs": {**prompt[sampler]["inputs"], "seed": 12345}}}
+    kept = comfy_headless.run_prompt(reseeded, keep_cache=True)
+    loaders = {k for k, n in prompt.items() if "Loader" in n["class_type"]}
+    assert loaders and loaders <= cached(kept) and sampler not in cached(kept)
+    assert np.array_equal(picture(kept), picture(comfy_headless.run_prompt(reseeded)))
+    assert not np.array_equal(picture(kept), picture(first))
+
+
 def test_validation_errors_name_the_node_and_input(comfy_headless, tiny_models):
     from instantfamily_nodes.demo import workflows
 

@@ -1,18 +1,23 @@
 """The synthetic-world experiment at CI size, end to end through the pack's own commands (issue 11).
 
-One run (module fixture, ~3.4 minutes on a 2-core VM with native bf16): the world's base model (VAE + UNet
+One run (module fixture, ~4.5 minutes on a 2-core VM with native bf16): the world's base model (VAE + UNet
 trained here), the world's recogniser pack, `train prepare` with the base's latent and text caches, `train
 fit` (masked attention in UNet and ControlNet, N = 4 slots), `train export`, `bench/synthetic.py` through
-ComfyUI's executor, and the demo's world mode on the result.
+ComfyUI's executor (32 scenes of 2 people: 64 places), and the demo's world mode on the result.
 
 What this size shows: the base learns (its loss falls, its VAE beats a flat picture), the files load as a
 16-channel SD1.5-type model, every step runs through the real commands, and identity lands where it was
 asked: with 2 people the masked model puts the right one in each place clearly above chance (0.5) and
-clearly above the same model with its masks off, and a lone person is recognised among all 8 identities
-far above chance (1/8). Three settings make that possible at 64 px in minutes (README, CI-sized run): the
-VAE's L1 weighs face pixels 11x (vae_face_weight 10; plain L1 needed ~600 steps before faces survived the
-round trip), 8 identities, and the recogniser's 4 x 4 map (17 tokens per ID). Measured on this VM
-(2026-12, bf16): masked 0.81 at N = 2 (13/16), masks off 0.44, among all 8 at N = 1 0.50 (4/8).
+clearly above the same model with its masks off, and each face is recognised among all 8 identities above
+chance (1/8). Three settings make that possible at 64 px in minutes (README, CI-sized run): the VAE's L1
+weighs face pixels 11x (vae_face_weight 10; plain L1 needed ~600 steps before faces survived the round
+trip), 8 identities, and the recogniser's 4 x 4 map (17 tokens per ID).
+
+The bounds come from the spread of the trained model, not of one lucky run: on the Intel VM (2026-12) this
+config scored masked 0.89, masks off 0.55, among all 0.45 on these 64 places, and eleven perturbed runs
+(fp32, other lr, steps, scenes, people, face weight, EMA, VAE/UNet steps) 0.70-0.86, 0.47-0.53 and 0.17-0.48
+(README, CI-sized run). With the 16 places measured before, the same default scored 0.75 on its hardest 8
+scenes: the old bound 0.75 was at the edge of noise.
 """
 from __future__ import annotations
 
@@ -29,9 +34,9 @@ import torch
 from instantfamily_nodes.synthetic.base import PROBE_TIMESTEPS, BaseConfig
 from instantfamily_nodes.synthetic.experiment import ExperimentConfig, run_experiment
 
-# Small enough for CI: 64 px scenes (8 x 8 latents), 8 identities, 1-2 people measured on 8 scenes each.
-CI = ExperimentConfig(base="world", scenes=200, people="1,2,3,4", size=64, steps=300, batch_size=8, lr=1e-3, ns="1,2",
-                      bench_scenes=8, sample_steps=8, identities=8, seed=0, base_vae_steps=250,
+# Small enough for CI: 64 px scenes (8 x 8 latents), 8 identities, 2 people measured on 32 scenes (64 places).
+CI = ExperimentConfig(base="world", scenes=200, people="1,2,3,4", size=64, steps=300, batch_size=8, lr=1e-3, ns="2",
+                      bench_scenes=32, sample_steps=8, identities=8, seed=0, base_vae_steps=250,
                       base_vae_face_weight=10.0, base_unet_steps=150, base_unet_scenes=300, recognizer_steps=100,
                       recognizer_train_size=2000, recognizer_map_side=4, unmasked_baseline=False,
                       base_unet_channels=32)
@@ -102,14 +107,13 @@ def test_bench_scored_every_asked_place_for_every_variant(experiment):
     _, data = experiment
     s = data["summary"]
     assert data["untrained_base"] is False
-    for key in ("accuracy_masked", "accuracy_unmasked", "accuracy_vae_roundtrip"):
-        assert set(s[key]) == {"1", "2"}, key
+    for key in ("accuracy_masked", "accuracy_unmasked", "accuracy_vae_roundtrip", "accuracy_masked_among_all"):
+        assert set(s[key]) == {"2"}, key
     for variant, per_n in data["per_position"].items():
-        # 8 scenes per N, N places each, every place scored (found is an identity index, never missing)
-        assert [len(sum(per_n[n]["asked"], [])) for n in ("1", "2")] == [8, 16], variant
+        # 32 scenes of 2 people, every place scored (found is an identity index, never missing)
+        assert len(sum(per_n["2"]["asked"], [])) == 64, variant
         assert all(len(a) == len(f) for a, f in zip(per_n["2"]["asked"], per_n["2"]["found"])), variant
-    # with one person in the picture the only candidate is right by construction
-    assert s["accuracy_masked"]["1"] == 1.0
+        assert all(set(f) <= set(a) for a, f in zip(per_n["2"]["asked"], per_n["2"]["found"])), variant
     assert data["experiment"]["seconds"].keys() >= {"base", "recognizer", "prepare", "fit_masked", "bench"}
     # mixed_precision "auto" ran as this CPU allows, base and fit alike, and the results say which
     from instantfamily_nodes.train.host import cpu_has_native_bf16
@@ -124,12 +128,14 @@ def test_identity_lands_where_it_was_asked_well_above_chance(experiment):
     _, data = experiment
     s = data["summary"]
     assert s["chance"]["2"] == 0.5
-    # 2 people, 16 places: the right one of the two in at least 12 (chance: 8; P(>= 12 | chance) = 0.04)
-    assert s["accuracy_masked"]["2"] >= 0.75, s
-    # the masks are what does it: the same weights with every ID visible everywhere lose >= 4 of 16 places
-    assert s["masked_minus_unmasked"]["2"] >= 0.25, s
-    # a lone person recognised among all 8 identities in at least 3 of 8 pictures (chance expects 1; P = 0.07)
-    assert s["accuracy_masked_among_all"]["1"] >= 0.375, s
+    # 2 people, 64 places: the right one of the two in at least 42 (chance expects 32; P(>= 42 | chance) = 0.008)
+    assert s["accuracy_masked"]["2"] >= 0.65, s
+    # the masks are what does it: the same weights with every ID visible everywhere lose >= 8 of 64 places
+    # (with its masks off the model draws one face in both places: exactly one of the two right)
+    assert s["masked_minus_unmasked"]["2"] >= 0.125, s
+    # each face recognised among all 8 identities in at least 12 of 64 places (chance expects 8; P = 0.10):
+    # the weakest of the three checks, as identity at 8 x 8 latents is coarse at this size (README)
+    assert s["accuracy_masked_among_all"]["2"] >= 0.1875, s
     # the ID tokens came from the 4 x 4 map: 17 per face, as the exported weights say
     from safetensors import safe_open
 
