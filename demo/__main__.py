@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.world:
         absent = world_demo.WorldFiles(Path(a.world)).missing()
         if absent:   # before ComfyUI is loaded: nothing to run
-            print(f"--world: {a.world} has no finished world model (missing {absent[0]}); train it once with:\n"
-                  f"  python -m instantfamily_nodes.synthetic experiment --out {a.world}", file=sys.stderr)
+            print(f"--world: {a.world} has no finished world model (missing {absent[0]}); train it once "
+                  f"({world_demo.TRAIN_TIME}) with:\n"
+                  f"  python -m instantfamily_nodes.synthetic experiment --out {a.world} --no-unmasked", file=sys.stderr)
             return 2
     name = a.workflow or next((w for w in DEFAULT_WORKFLOWS if w in workflows.list_workflows()),
                               (workflows.list_workflows() or [None])[0])
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Done in {time.perf_counter() - t0:.1f} s. Wrote:\n" + "\n".join(f"  {p}" for p in written))
                 return 0
             print("No model trained on the synthetic world either; for a picture from a trained model train it "
-                  f"once (about 1.5 hours on 2 CPU cores):\n  {world_demo.TRAIN_COMMAND}")
+                  f"once ({world_demo.TRAIN_TIME}):\n  {world_demo.TRAIN_COMMAND}")
         use_tiny = bool(missing)
         if use_tiny:
             from . import tiny

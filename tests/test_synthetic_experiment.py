@@ -166,7 +166,7 @@ def test_demo_world_mode_without_a_trained_world_says_how_to_train_it(comfyui, t
                           "--out", str(tmp_path / "out"), "--comfyui", str(comfyui)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
-    assert "python -m instantfamily_nodes.synthetic experiment --out" in res.stderr
+    assert f"python -m instantfamily_nodes.synthetic experiment --out {tmp_path / 'none'} --no-unmasked" in res.stderr
 
 
 def test_experiment_refuses_more_people_than_the_scene_holds(tmp_path):
