@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             pose_file = work / "input" / f"pose_{n}_{k}.json"
             pose_file.write_text(json.dumps(scene.pose_keypoint()))
             Image.fromarray(scene.image).save(work / "input" / f"scene_{n}_{k}.png")
-            res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))   # own executor: keeps the world graph cached
+            # a fresh executor: on the kept one this other graph would evict the world graph's loaders
+            # (ComfyUI's cache keeps only the nodes of the prompt it last ran)
+            res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))
             img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
             score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores["vae_roundtrip"][n])
             row = [np.concatenate([world.portrait(i, (128, 128), "reference", k).image for i in scene.identities], 1),
