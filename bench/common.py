@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +67,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, min_
         for name, fn in fns.items():
             t = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
             best[name] = min(best[name], t)
+    return best
+
+
+def interleaved_steps(steps: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Seconds per step: each round runs ``per_round`` steps of every variant in turn; best round kept.
+    (Plain wall clock: a training step is long enough, and it must run with the garbage collector on, as
+    in `train fit`.)"""
+    best = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / per_round)
     return best
 
 

@@ -9,33 +9,28 @@ latents of a 128 px scene, batch 16, 77 text tokens; ``synthetic/base.py``), for
 The same update in all three, up to float rounding; only the speed differs. Measured 2026-12-08 on the
 2-core Intel Xeon AMX VM: fused 0.94x at width 64, 1.00x at 32, foreach slower (1.05-1.09x). Not adopted:
 6 % of a base step would change the last bits of every recorded world run (README's tables reproduce
-exactly from the command) for minutes of a 2.5 h run.
+exactly from the command) for minutes of a 2.7 h run.
 
     python bench/optimizer.py [--quick]
 
-Writes bench/results/optimizer-cpu.{md,json}. Needs ComfyUI (found like the tests find it).
+Writes bench/results/optimizer-cpu.{md,json} (not with ``--quick``: a smoke run keeps the recorded
+table). Needs ComfyUI (found like the tests find it).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import interleaved_steps, machine, write_results  # noqa: E402
 
 VARIANTS = {"single-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def world_unet(channels: int) -> torch.nn.Module:
-    from instantfamily_nodes.comfy_path import find_comfyui
-
-    cpath = str(find_comfyui(None))
-    if cpath not in sys.path:
-        sys.path.insert(0, cpath)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
@@ -74,6 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="width 32 only, 1 round of 2 steps (smoke test)")
     args = parser.parse_args()
+    from instantfamily_nodes.comfy_path import find_comfyui
+
+    try:
+        sys.path.insert(0, str(find_comfyui()))
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
     from instantfamily_nodes.train.host import cpu_has_native_bf16
 
     bf16 = cpu_has_native_bf16()
@@ -83,17 +84,14 @@ def main() -> None:
         steps = {v: step_fn(channels, v, 16, 16, bf16) for v in VARIANTS}
         for fn in steps.values():
             fn()                                       # warm-up: optimizer state allocated
-        best = {v: float("inf") for v in VARIANTS}
-        for _ in range(rounds):
-            for v, fn in steps.items():
-                t0 = time.perf_counter()
-                for _ in range(per_round):
-                    fn()
-                best[v] = min(best[v], (time.perf_counter() - t0) / per_round)
+        best = interleaved_steps(steps, rounds, per_round)
         base = best["single-tensor"]
         rows += [[channels, v, round(t * 1000, 1), round(t / base, 3)] for v, t in best.items()]
         print("\n".join(f"width {channels:3d}  {v:14s} {t * 1000:8.1f} ms/step  {t / base:.3f}x"
                         for v, t in best.items()), flush=True)
+    if args.quick:
+        print("--quick: a smoke run, results not written")
+        return
     notes = (f"Forward under {'bf16 autocast' if bf16 else 'fp32 (no native bf16 on this CPU)'}; batch 16 of "
              "16 x 16 latents (the world base at 128 px). Interleaved rounds of "
              f"{per_round} steps, best of {rounds} kept.")

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             pose_file.write_text(json.dumps(scene.pose_keypoint()))
             Image.fromarray(scene.image).save(work / "input" / f"scene_{n}_{k}.png")
             # a fresh executor: on the kept one this other graph would evict the world graph's loaders
-            # (ComfyUI's cache keeps only the nodes of the prompt it last ran)
+            # (ComfyUI's cache keeps only the nodes of the prompt it last ran; trained_unmasked, with its
+            # own files, still reloads them once per scene)
             res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))
             img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
             score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores["vae_roundtrip"][n])

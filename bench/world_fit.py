@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import interleaved_steps, machine, write_results  # noqa: E402
 
 PRECISIONS = ("no", "bf16")
 DEFAULT_EXPERIMENT = Path.home() / ".cache" / "instantfamily_nodes" / "world"
@@ -70,20 +69,6 @@ def step_fn(model, batch):
         opt.step()
         return loss.detach()
     return step
-
-
-def interleaved_steps(steps: dict, rounds: int, per_round: int) -> dict[str, float]:
-    """Seconds per step: each round runs ``per_round`` steps of every variant in turn; best round kept.
-    (Plain wall clock: a training step is long enough, and it must run with the garbage collector on, as
-    in `train fit`.)"""
-    best = {name: float("inf") for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / per_round)
-    return best
 
 
 def main() -> None:

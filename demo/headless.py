@@ -64,6 +64,7 @@ class _State:
     pack_loaded: bool = False
     yamls: set[str] = field(default_factory=set)
     executor: Any = None     # the kept PromptExecutor of run_prompt(keep_cache=True)
+    executor_output_dir: str | None = None
 
 
 _STATE = _State()
@@ -219,13 +220,20 @@ def validate(prompt: dict, prompt_id: str = "validate", strict: bool = True) -> 
     return list(outputs)
 
 
+def drop_kept_cache() -> None:
+    """Forget the executor :func:`run_prompt` keeps with ``keep_cache=True`` (and the models it holds)."""
+    _STATE.executor, _STATE.executor_output_dir = None, None
+
+
 def run_prompt(prompt: dict, prompt_id: str | None = None,
                on_message: Callable[[str, dict], None] | None = None, keep_cache: bool = False) -> RunResult:
     """Validate and execute an API-format prompt in this process (after :func:`setup_comfyui`).
 
     ``keep_cache``: run on one executor kept between such calls, as ComfyUI's server does, so nodes whose
     inputs did not change (checkpoint, ControlNet and face-model loaders) are not run again; without it
-    every call starts from an empty cache."""
+    every call starts from an empty cache. Like the server's, the kept cache knows model files by name:
+    a file replaced under the same name needs a run without ``keep_cache`` or :func:`drop_kept_cache`. A
+    new output folder (``setup_comfyui(output_dir=...)``) starts a new kept executor."""
     import execution
 
     if _STATE.comfyui is None:
@@ -234,8 +242,13 @@ def run_prompt(prompt: dict, prompt_id: str | None = None,
     outputs = validate(prompt, prompt_id)
     stub = _ServerStub(on_message)
     if keep_cache:
-        if _STATE.executor is None:
+        import folder_paths
+
+        # cached SaveImage outputs are names in the output folder they were written to
+        out_dir = folder_paths.get_output_directory()
+        if _STATE.executor is None or _STATE.executor_output_dir != out_dir:
             _STATE.executor = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC)
+            _STATE.executor_output_dir = out_dir
         executor = _STATE.executor
         executor.server, executor.success = stub, True     # a failed run before must not mark this one
     else:
@@ -243,7 +256,10 @@ def run_prompt(prompt: dict, prompt_id: str | None = None,
     t0 = time.perf_counter()
     executor.execute(prompt, prompt_id, {"client_id": "instantfamily-demo"}, outputs)
     seconds = time.perf_counter() - t0
-    if not executor.success:
+    # ComfyUI marks success only where a node ran; a node refused at staging leaves it set: only
+    # execution_success says the whole graph finished
+    finished = any(ev == "execution_success" for ev, _ in executor.status_messages)
+    if not executor.success or not finished:
         errs = [d for ev, d in executor.status_messages if ev == "execution_error"]
         if errs:
             e = errs[-1]

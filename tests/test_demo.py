@@ -189,16 +189,20 @@ def test_kept_cache_reruns_only_what_changed_and_matches_a_fresh_run(comfy_headl
     def cached(result):
         return set(sum((d["nodes"] for ev, d in result.messages if ev == "execution_cached"), []))
 
-    comfy_headless._STATE.executor = None
-    first = comfy_headless.run_prompt(prompt, keep_cache=True)
-    again = comfy_headless.run_prompt(prompt, keep_cache=True)
-    assert not cached(first) and cached(again) == set(prompt)       # nothing changed: nothing re-ran
-    reseeded = {**prompt, sampler: {**prompt[sampler], "inputs": {**prompt[sampler]["inputs"], "seed": 12345}}}
-    kept = comfy_headless.run_prompt(reseeded, keep_cache=True)
-    loaders = {k for k, n in prompt.items() if "Loader" in n["class_type"]}
-    assert loaders and loaders <= cached(kept) and sampler not in cached(kept)
-    assert np.array_equal(picture(kept), picture(comfy_headless.run_prompt(reseeded)))
-    assert not np.array_equal(picture(kept), picture(first))
+    comfy_headless.drop_kept_cache()
+    try:
+        first = comfy_headless.run_prompt(prompt, keep_cache=True)
+        again = comfy_headless.run_prompt(prompt, keep_cache=True)
+        assert not cached(first) and cached(again) == set(prompt)       # nothing changed: nothing re-ran
+        assert np.array_equal(picture(again), picture(first))          # the cached SaveImage's file
+        reseeded = {**prompt, sampler: {**prompt[sampler], "inputs": {**prompt[sampler]["inputs"], "seed": 12345}}}
+        kept = comfy_headless.run_prompt(reseeded, keep_cache=True)
+        loaders = {k for k, n in prompt.items() if "Loader" in n["class_type"]}
+        assert loaders and loaders <= cached(kept) and sampler not in cached(kept)
+        assert np.array_equal(picture(kept), picture(comfy_headless.run_prompt(reseeded)))
+        assert not np.array_equal(picture(kept), picture(first))
+    finally:
+        comfy_headless.drop_kept_cache()
 
 
 def test_validation_errors_name_the_node_and_input(comfy_headless, tiny_models):
