@@ -30,26 +30,12 @@ from common import interleaved_steps, machine, write_results  # noqa: E402
 VARIANTS = {"single-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def world_unet(channels: int) -> torch.nn.Module:
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    from instantfamily_nodes.demo.tiny import UNET_CONFIG, UNET_EXTRA, WORLD_LATENT_CHANNELS, init_weights
-
-    cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS,
-               model_channels=channels)
-    unet = UNetModel(**cfg, **UNET_EXTRA, operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
-    return init_weights(unet, 0).train()
-
-
 def step_fn(channels: int, variant: str, batch: int, side: int, bf16: bool):
     from instantfamily_nodes.demo.tiny import UNET_CONFIG, WORLD_LATENT_CHANNELS
+    from instantfamily_nodes.synthetic.base import world_unet
 
     torch.manual_seed(0)
-    unet = world_unet(channels)
+    unet = world_unet(channels, seed=0).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01, **VARIANTS[variant])
     z = torch.randn(batch, WORLD_LATENT_CHANNELS, side, side)
     ctx = torch.randn(batch, 77, UNET_CONFIG["context_dim"])
@@ -75,6 +61,9 @@ def main() -> None:
         sys.path.insert(0, str(find_comfyui()))
     except FileNotFoundError as exc:
         sys.exit(str(exc))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
     from instantfamily_nodes.train.host import cpu_has_native_bf16
 
     bf16 = cpu_has_native_bf16()

@@ -365,6 +365,20 @@ def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> 
     os.replace(tmp, path)   # atomic: a reader never sees half a file
 
 
+def world_unet(channels: int, seed: int) -> torch.nn.Module:
+    """The world base's UNet, untrained: the tiny SD1.5-shaped UNet on 16-channel world latents with
+    ``channels`` as its model_channels, weights seeded by ``seed`` (needs ComfyUI importable)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from ..demo.tiny import UNET_CONFIG, UNET_EXTRA, WORLD_LATENT_CHANNELS, init_weights
+
+    unet_cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS,
+                    model_channels=channels)
+    return init_weights(UNetModel(**unet_cfg, **UNET_EXTRA, operations=comfy.ops.disable_weight_init,
+                                  device="cpu", dtype=torch.float32), seed)
+
+
 def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
                      log: Callable[[str], None] = logger.info) -> Path:
     """Train the VAE, then the UNet, and write ``<root>/checkpoints/instantfamily_world_sd15.safetensors``
@@ -372,14 +386,7 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     Needs ComfyUI importable (``train.host.import_comfy``)."""
     import comfy.sd
 
-    from ..demo.tiny import (
-        UNET_CONFIG,
-        UNET_EXTRA,
-        WORLD_LATENT_CHANNELS,
-        clip_state_dict,
-        init_weights,
-        register_tiny_model_type,
-    )
+    from ..demo.tiny import WORLD_LATENT_CHANNELS, clip_state_dict, register_tiny_model_type
 
     cfg = cfg or BaseConfig()
     _check_config(cfg)
@@ -392,13 +399,7 @@ def build_world_base(root: str | os.PathLike, cfg: BaseConfig | None = None,
     t_start = time.time()
     vae_module, vae_stats = train_vae(world, cfg, log)
 
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    unet_cfg = dict(UNET_CONFIG, in_channels=WORLD_LATENT_CHANNELS, out_channels=WORLD_LATENT_CHANNELS,
-                    model_channels=cfg.unet_channels)
-    unet0 = init_weights(UNetModel(**unet_cfg, **UNET_EXTRA, operations=comfy.ops.disable_weight_init,
-                                   device="cpu", dtype=torch.float32), cfg.seed)
+    unet0 = world_unet(cfg.unet_channels, cfg.seed)
     clip_sd = clip_state_dict(cfg.seed + 2)
     # Through ComfyUI's own loader: the latents and caption encodings the UNet trains on are exactly
     # what the trainer and the nodes will compute from the written file.

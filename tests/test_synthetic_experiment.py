@@ -16,9 +16,9 @@ trip), 8 identities, and the recogniser's 4 x 4 map (17 tokens per ID).
 The bounds come from the spread of the trained model, not of one lucky run: on the Intel VM (2026-12) this
 config scored masked 0.89, masks off 0.55, among all 0.45 on these 64 places, and eleven perturbed runs
 (fp32, other lr, steps, scenes, people, face weight, EMA, VAE/UNet steps) 0.70-0.86, 0.45-0.53 and 0.17-0.48
-(README, CI-sized run). The among-all bound has the least room: one of the eleven (lr 2e-3, 0.17) would miss
-it and fp32 (0.20) clears it by one place. With the 16 places measured before, the same default scored 0.75 on its hardest 8
-scenes: the old bound 0.75 was at the edge of noise.
+(README, CI-sized run). The among-all bound has the least room: one of the eleven (lr 2e-3, 0.17) would
+miss it and fp32 (0.20) clears it by one place. With the 16 places measured before, the same default
+scored 0.75 on its hardest 8 scenes: the old bound 0.75 was at the edge of noise.
 """
 from __future__ import annotations
 
