@@ -8,9 +8,9 @@ recognition net (synthetic/score.py) among the picture's N identities. Variants:
 masks) and unmasked stacking (the same model with all-ones masks: every identity attends everywhere);
 optionally a second model trained unmasked (``--weights-unmasked``/``--controlnet-unmasked``).
 
-    python bench/synthetic.py --checkpoint BASE --weights W --controlnet C [--ns 1,2,3,4,7] [--scenes 8]
+    python bench/synthetic.py --checkpoint BASE --weights W --controlnet C [--ns 1,2,3,4,7,10] [--scenes 8]
     python bench/synthetic.py --plumbing     # tiny UNTRAINED models: proves the harness, scores ~chance
-    python bench/synthetic.py --quick        # the same, N = 1, 2, one scene, 2 steps (run_all --quick)
+    python bench/synthetic.py --quick        # the same, N = 1, 2, 10, one scene, 2 steps (run_all --quick)
 
 Writes ``bench/results/synthetic-<device>.json`` (``summary``: ``accuracy_masked``, ``accuracy_unmasked``,
 ``masked_minus_unmasked``, dicts keyed by N as strings) and a contact sheet PNG (refs | world render |
@@ -47,7 +47,7 @@ def models_root(args: argparse.Namespace, cache: Path) -> tuple[Path, dict[str, 
     """A ComfyUI models folder (own extra_model_paths.yaml) holding the world pack and the models."""
     from instantfamily_nodes.demo.tiny import build_tiny_models, write_extra_model_paths
     from instantfamily_nodes.synthetic.recognizer import DEFAULT_PACK, export_pack, train_recognizer
-    from instantfamily_nodes.synthetic.world import World
+    from instantfamily_nodes.synthetic.world import World, canvas_for
 
     root = cache / "bench_models"
     pack = root / "insightface" / "models" / PACK
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint"), ap.add_argument("--weights"), ap.add_argument("--controlnet")
     ap.add_argument("--weights-unmasked"), ap.add_argument("--controlnet-unmasked")
     ap.add_argument("--plumbing", action="store_true", help="tiny untrained models (scores ~chance)")
-    ap.add_argument("--ns", default="1,2,3,4,7")
+    ap.add_argument("--ns", default="1,2,3,4,7,10",
+                    help="people per scene; those the square --size cannot hold get a wider canvas (canvas_for)")
     ap.add_argument("--scenes", type=int, default=8, help="scenes per N")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -101,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=str(Path("~/.cache/instantfamily_nodes/world").expanduser()))
     ap.add_argument("--comfyui", default=None)
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/synthetic[-plumbing]-cpu.json)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: --plumbing with N = 1, 2, one scene, 2 steps")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --plumbing with N = 1, 2, 10, one scene, 2 steps")
     args = ap.parse_args(argv)
     if args.quick:
-        args.plumbing, args.ns, args.scenes, args.steps = True, "1,2", 1, 2
+        args.plumbing, args.ns, args.scenes, args.steps = True, "1,2,10", 1, 2
     if not args.plumbing and not (args.checkpoint and args.weights and args.controlnet):
         # bench/run_all.py runs every script without arguments: say why nothing is measured, not fail
         print("bench/synthetic.py: no model trained on the synthetic world was given (--checkpoint, --weights, "
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     root, names = models_root(args, cache)
     from instantfamily_nodes.models.faces import InsightFaceEncoder
     from instantfamily_nodes.synthetic.recognizer import load_classes
-    from instantfamily_nodes.synthetic.score import PositionScores, score_positions
-    from instantfamily_nodes.synthetic.world import World
+    from instantfamily_nodes.synthetic.score import (PositionScores, picture_scores, reference_embeddings,
+                                                     score_positions)
+    from instantfamily_nodes.synthetic.world import World, canvas_for
 
     setup_comfyui(args.comfyui, [root / "extra_model_paths.yaml"])     # now the models folder too
     from instantfamily_nodes.demo.tiny import is_tiny_checkpoint, register_tiny_model_type
@@ -138,17 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     world = World(args.identities, args.seed)
     variants = ["masked", "unmasked"] + (["trained_unmasked"] if args.weights_unmasked else [])
     scores = {v: {} for v in variants + ["vae_roundtrip"]}
+    pictures = {v: {} for v in scores}     # evaluate/'s ImageScore per picture (MultiSim, greedy-min)
     sheet_rows = []
     ns = [int(n) for n in args.ns.split(",")]
     for n in ns:
         for v in scores:
             scores[v][n] = PositionScores()
+            pictures[v][n] = []
         for k in range(args.scenes):
-            scene = world.scene(n, (args.size, args.size), "test", 10_000 * n + k)
+            scene = world.scene(n, canvas_for(n, args.size), "test", 10_000 * n + k)
             refs = []
-            for ident in scene.identities:
+            portraits = [world.portrait(i, (128, 128), "reference", k).image for i in scene.identities]
+            ref_emb = reference_embeddings(enc, portraits)
+            for ident, portrait in zip(scene.identities, portraits):
                 name = f"ref_{n}_{k}_{ident}.png"
-                Image.fromarray(world.portrait(ident, (128, 128), "reference", k).image).save(work / "input" / name)
+                Image.fromarray(portrait).save(work / "input" / name)
                 refs.append(name)
             pose_file = work / "input" / f"pose_{n}_{k}.json"
             pose_file.write_text(json.dumps(scene.pose_keypoint()))
@@ -159,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_prompt(roundtrip_prompt(f"scene_{n}_{k}.png", names))
             img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
             score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores["vae_roundtrip"][n])
-            row = [np.concatenate([world.portrait(i, (128, 128), "reference", k).image for i in scene.identities], 1),
-                   scene.image]
+            pictures["vae_roundtrip"][n].append(picture_scores(enc, ref_emb, img, scene.boxes))
+            row = [np.concatenate(portraits, 1), scene.image]
             for v in variants:
                 prompt = world_prompt(refs, str(pose_file), scene.hw, scene.caption, names, unmasked=(v in ("unmasked", "trained_unmasked")),
                                       second_model=(v == "trained_unmasked"), steps=args.steps, seed=args.seed + k,
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_prompt(prompt, keep_cache=True)
                 img = np.asarray(Image.open(res.image_files("20")[-1]).convert("RGB"))
                 score_positions(enc, classes, [img], [scene.boxes], [scene.identities], scores[v][n])
+                pictures[v][n].append(picture_scores(enc, ref_emb, img, scene.boxes))
                 row.append(img)
             if k == 0:
                 sheet_rows.append(row)
@@ -182,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         summary["accuracy_trained_unmasked"] = acc["trained_unmasked"]
     # the world's own render through the VAE: what any model sampling in this latent space can reach
     summary["accuracy_vae_roundtrip"] = {str(n): scores["vae_roundtrip"][n].accuracy("n") for n in ns}
+    # evaluate/'s numbers on the same pictures (the world's detector finds the faces; matched to IDs by place)
+    for key, field in (("multi_sim", "multi_sim"), ("fastcomposer", "fastcomposer"), ("single_sim", "identity"),
+                       ("face_missing_rate", "face_missing_rate")):
+        summary[key] = {v: {str(n): _mean(pictures[v][n], field) for n in ns} for v in pictures}
     out = Path(args.out) if args.out else RESULTS_DIR / f"synthetic{'-plumbing' if args.plumbing else ''}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"summary": summary, "untrained": bool(args.plumbing), "models": names, "recognizer": pack_meta,
-            "scenes_per_n": args.scenes, "size": args.size, "steps": args.steps, "cfg": args.cfg,
+            "scenes_per_n": args.scenes, "size": args.size,
+            "canvas": {str(n): list(canvas_for(n, args.size)) for n in ns}, "steps": args.steps, "cfg": args.cfg,
             "machine": machine("cpu"),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "per_position": {v: {str(n): {"asked": scores[v][n].asked, "found": scores[v][n].found_among_n}
@@ -196,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def _mean(pictures: list, field: str) -> float | None:
+    """The mean of one evaluate/ number over pictures (None where it is undefined: MultiSim of one ID)."""
+    if field == "face_missing_rate":
+        return float(sum(p.missing for p in pictures) / sum(len(p.ids) for p in pictures))
+    vals = [getattr(p, field) for p in pictures if getattr(p, field) is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def _contact_sheet(rows: list[list[np.ndarray]]) -> np.ndarray:

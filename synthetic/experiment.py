@@ -46,7 +46,7 @@ class ExperimentConfig:
     lr_decay: float = 0.0            # train fit's lr_decay (0: constant; a fall at the end measured no gain)
     face_loss_weight: float = 3.0    # train fit's face_loss_weight (both fits); 0 = the paper's plain MSE
     ema_decay: float = 0.0           # train fit's ema_decay (both fits; export then writes the EMA); 0 = off
-    ns: str = "1,2,3,4,7"
+    ns: str = "1,2,3,4,7,10"         # bench: people per picture (10 on a 128 x 192 canvas: canvas_for)
     bench_scenes: int = 16           # per N
     sample_steps: int = 20
     sample_cfg: float = 5.0          # the bench's guidance scale

@@ -47,3 +47,28 @@ def score_positions(encoder, classes: np.ndarray, images: Sequence[np.ndarray],
         scores.found_among_n.append([int(c) for c in classify(emb, classes, among=ids)])
         scores.found_among_k.append([int(c) for c in classify(emb, classes)])
     return scores
+
+
+def reference_embeddings(encoder, portraits: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The world net's embedding of each reference portrait (one person each, in ID order), through
+    evaluate/'s reference path (the same ``encode_faces`` the nodes use)."""
+    from ..evaluate.identity import encode_references
+
+    faces = encode_references(encoder, list(portraits), [f"portrait {i}" for i in range(len(portraits))])
+    return [f.embedding for f in faces]
+
+
+def picture_scores(encoder, refs: Sequence[np.ndarray], image: np.ndarray, boxes: np.ndarray, name: str = ""):
+    """evaluate/'s scores of one picture (SingleSim, MultiSim, FastComposer's greedy-min), with the world's
+    detector and net: every face the detector finds in ``image``, matched to the IDs by the places they were
+    asked for (``boxes``, (N, 4) pixels, ID order) as the evaluation matches them by ID masks. Unlike
+    :func:`score_positions`, which classifies the asked crop whatever is drawn there, a face the detector
+    misses scores 0 here."""
+    from ..evaluate.identity import detect_faces
+    from ..evaluate.matching import region_from_spec
+    from ..evaluate.score import score_image
+
+    hw = image.shape[:2]
+    regions = [region_from_spec(b, hw, f"{name} box {i}", coords="pixels") for i, b in enumerate(np.asarray(boxes))]
+    faces = detect_faces(encoder, np.asarray(image), want=len(refs))
+    return score_image(name, list(refs), list(range(len(refs))), faces, regions, match="regions", size=hw)

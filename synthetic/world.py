@@ -77,6 +77,30 @@ def world_fits(n_people: int, side: int) -> bool:
     return min(FACE_FRACTION * side / n_people, 0.24 * side) >= 8
 
 
+# SD1.5's UNet halves the latent grid three times and the VAE down-scales 8x: canvas sides in steps of 64
+# keep every level's grid whole
+CANVAS_STEP = 64
+
+
+def canvas_for(n_people: int, size: int) -> tuple[int, int]:
+    """(height, width) of a scene of ``n_people`` at ``size``: the square if they fit it, else ``size`` high
+    and the narrowest width, in steps of :data:`CANVAS_STEP`, whose faces keep the world's 8 px floor (a
+    group photo of more people is wider: 10 people at 128 px get 128 x 192, faces ~11.5 px like 7 people's
+    ~11 px on the square)."""
+    n = int(n_people)
+    if not 1 <= n <= MAX_PEOPLE:
+        raise ValueError(f"n_people must be 1..{MAX_PEOPLE}, got {n_people}")
+    if size % CANVAS_STEP:
+        raise ValueError(f"size {size} is not a multiple of {CANVAS_STEP} (the latent grid must halve three "
+                         "times); use 64, 128, 192, ...")
+    if world_fits(n, size):
+        return size, size
+    width = size          # a multiple of 64 is at least 64 high: 0.24 of it is over 8 px
+    while FACE_FRACTION * width / n < 8:
+        width += CANVAS_STEP
+    return size, width
+
+
 @dataclass(frozen=True)
 class Identity:
     """One person of the world: everything that stays the same across appearances."""

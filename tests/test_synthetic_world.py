@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from instantfamily_nodes.synthetic.world import (FACE_MIN_MAX_CHANNEL, MIN_ATTRIBUTE_DISTANCE, SCENE_MAX_CHANNEL,
-                                                 World, face_kps)
+                                                 World, canvas_for, face_kps)
 
 SIZES = [(128, 128), (96, 160), (256, 256)]
 
@@ -114,6 +114,23 @@ def test_bad_inputs_are_named():
         world.scene(2, identities=[1, 1])
     with pytest.raises(ValueError, match="split"):
         world.scene(2, split="val")
+
+
+def test_canvas_for_widens_only_what_the_square_cannot_hold():
+    """Faces are 0.6 of a person's slot (canvas width / N) and at least 8 px: on 128 px, 9 people get
+    0.6 * 128 / 9 = 8.5 px (square), 10 get 7.7, so 10 go on the next width in steps of 64: 192 (11.5 px);
+    on 64 px 4 people get 9.6 px (square), 5 get 7.7 and go on 128 (15.4)."""
+    assert [canvas_for(n, 128) for n in range(1, 10)] == [(128, 128)] * 9
+    assert canvas_for(10, 128) == (128, 192)
+    assert canvas_for(4, 64) == (64, 64) and canvas_for(5, 64) == (64, 128) and canvas_for(10, 64) == (64, 192)
+    scene = World().scene(10, canvas_for(10, 128), "test", 3)
+    assert scene.hw == (128, 192) and len(scene.boxes) == 10
+    widths = scene.boxes[:, 2] - scene.boxes[:, 0]
+    assert widths.min() >= 0.93 * 0.6 * 192 / 10 - 1 and widths.max() <= 1.07 * 0.6 * 192 / 10 + 1
+    with pytest.raises(ValueError, match="multiple of 64"):
+        canvas_for(2, 100)
+    with pytest.raises(ValueError, match="n_people"):
+        canvas_for(11, 128)
 
 
 # ---------------------------------------------------------------- the face pack through models/faces
@@ -235,6 +252,36 @@ def test_score_positions_finds_identities_where_they_were_put(world_pack):
     assert shifted.accuracy("n") <= 0.1
 
 
+def test_picture_scores_give_evaluate_numbers_by_place(world_pack):
+    """evaluate/'s SingleSim, MultiSim and greedy-min on world renders, with the world's detector and net:
+    every face found and matched to its place; against each person's own portrait the identity term is
+    high and MultiSim (eq. 11) equals it plus the mean pairwise (1 - cos) of the found faces; asked one
+    place to the right, the place-matched identity term falls while FastComposer's greedy-min, which
+    ignores places, stays the same."""
+    from itertools import combinations
+
+    from instantfamily_nodes.synthetic.score import picture_scores, reference_embeddings
+
+    world, _, root, folder = world_pack
+    enc = _encoder(root, folder)
+    for i in range(3):
+        scene = world.scene(3, (128, 128), "test", 500 + i)
+        refs = reference_embeddings(enc, [world.portrait(p, (128, 128), "reference", i).image for p in scene.identities])
+        right = picture_scores(enc, refs, scene.image, scene.boxes)
+        assert right.missing == 0 and len(right.faces) == 3
+        for box, a in zip(scene.boxes, right.assignment):     # each ID got the face drawn in its box
+            cx, cy = (right.faces[a].box[:2] + right.faces[a].box[2:]) / 2
+            assert box[0] < cx < box[2] and box[1] < cy < box[3]
+        gens = [right.faces[a].embedding for a in right.assignment]
+        cos = [float(np.dot(r, g) / np.linalg.norm(r) / np.linalg.norm(g)) for r, g in zip(refs, gens)]
+        mix = np.mean([1 - np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in combinations(gens, 2)])
+        assert right.single_sim == pytest.approx(cos, abs=1e-6) and min(cos) > 0.5
+        assert right.multi_sim == pytest.approx(np.mean(cos) + mix, abs=1e-6)
+        shifted = picture_scores(enc, refs[1:] + refs[:1], scene.image, scene.boxes)
+        assert shifted.identity < right.identity - 0.3
+        assert shifted.fastcomposer == pytest.approx(right.fastcomposer, abs=1e-6)
+
+
 def test_world_scenes_through_train_prepare(world_pack, tmp_path):
     """World scenes -> `train prepare` with the world's pack: every face found, encoded with its local
     map, boxed where the world put it and matched to its own person."""
@@ -286,9 +333,22 @@ def test_bench_harness_runs_through_comfyui(world_pack, comfyui, tmp_path):
     data = json.loads(out.read_text())
     s = data["summary"]
     assert data["untrained"] is True
-    assert set(s["accuracy_masked"]) == set(s["accuracy_unmasked"]) == set(s["masked_minus_unmasked"]) == {"1", "2"}
+    assert set(s["accuracy_masked"]) == set(s["accuracy_unmasked"]) == set(s["masked_minus_unmasked"]) == {"1", "2", "10"}
     assert s["accuracy_masked"]["1"] == 1.0          # one identity: among-N is trivially right
     assert len(data["per_position"]["masked"]["2"]["asked"][0]) == 2
+    assert len(data["per_position"]["masked"]["10"]["asked"][0]) == 10
+    # 10 people do not fit the 128 px square: the bench drew, sampled and scored them on 128 x 192
+    assert data["canvas"] == {"1": [128, 128], "2": [128, 128], "10": [128, 192]}
+    # evaluate/'s numbers for every variant and N (MultiSim is undefined for one ID)
+    for key in ("multi_sim", "fastcomposer", "single_sim", "face_missing_rate"):
+        assert set(s[key]) == {"masked", "unmasked", "vae_roundtrip"}
+        assert all(set(v) == {"1", "2", "10"} for v in s[key].values())
+    assert s["multi_sim"]["masked"]["1"] is None and isinstance(s["multi_sim"]["masked"]["2"], float)
+    assert all(0.0 <= r <= 1.0 for v in s["face_missing_rate"].values() for r in v.values())
+    from PIL import Image
+
+    sizes = {Image.open(f).size for f in (tmp_path / "bench_run" / "output" / "world").glob("image_*.png")}
+    assert sizes == {(128, 128), (192, 128)}
     assert out.with_suffix(".png").is_file()
 
 
