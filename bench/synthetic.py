@@ -47,7 +47,7 @@ def models_root(args: argparse.Namespace, cache: Path) -> tuple[Path, dict[str, 
     """A ComfyUI models folder (own extra_model_paths.yaml) holding the world pack and the models."""
     from instantfamily_nodes.demo.tiny import build_tiny_models, write_extra_model_paths
     from instantfamily_nodes.synthetic.recognizer import DEFAULT_PACK, export_pack, train_recognizer
-    from instantfamily_nodes.synthetic.world import World, canvas_for
+    from instantfamily_nodes.synthetic.world import World
 
     root = cache / "bench_models"
     pack = root / "insightface" / "models" / PACK

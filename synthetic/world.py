@@ -90,11 +90,12 @@ def canvas_for(n_people: int, size: int) -> tuple[int, int]:
     n = int(n_people)
     if not 1 <= n <= MAX_PEOPLE:
         raise ValueError(f"n_people must be 1..{MAX_PEOPLE}, got {n_people}")
-    if size % CANVAS_STEP:
-        raise ValueError(f"size {size} is not a multiple of {CANVAS_STEP} (the latent grid must halve three "
-                         "times); use 64, 128, 192, ...")
     if world_fits(n, size):
         return size, size
+    if size % CANVAS_STEP:
+        raise ValueError(f"{n} people do not fit a {size} px square and a wider canvas grows in steps of "
+                         f"{CANVAS_STEP} px (the latent grid halves three times): use a size that is a multiple "
+                         f"of {CANVAS_STEP} (64, 128, 192, ...)")
     width = size          # a multiple of 64 is at least 64 high: 0.24 of it is over 8 px
     while FACE_FRACTION * width / n < 8:
         width += CANVAS_STEP

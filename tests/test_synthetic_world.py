@@ -127,8 +127,9 @@ def test_canvas_for_widens_only_what_the_square_cannot_hold():
     assert scene.hw == (128, 192) and len(scene.boxes) == 10
     widths = scene.boxes[:, 2] - scene.boxes[:, 0]
     assert widths.min() >= 0.93 * 0.6 * 192 / 10 - 1 and widths.max() <= 1.07 * 0.6 * 192 / 10 + 1
+    assert canvas_for(2, 100) == (100, 100)           # fits: any square
     with pytest.raises(ValueError, match="multiple of 64"):
-        canvas_for(2, 100)
+        canvas_for(10, 100)
     with pytest.raises(ValueError, match="n_people"):
         canvas_for(11, 128)
 
