@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.plumbing, args.ns, args.scenes, args.steps = True, "1,2,10", 1, 2
+    if args.scenes < 1:
+        ap.error(f"--scenes {args.scenes}: give at least 1 scene per N")
+    from instantfamily_nodes.synthetic.world import check_bench_ns
+
+    try:
+        ns = check_bench_ns(args.ns, args.size, args.identities)
+    except ValueError as exc:
+        ap.error(str(exc))
     if not args.plumbing and not (args.checkpoint and args.weights and args.controlnet):
         # bench/run_all.py runs every script without arguments: say why nothing is measured, not fail
         print("bench/synthetic.py: no model trained on the synthetic world was given (--checkpoint, --weights, "
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     setup_comfyui(args.comfyui, [], cpu=True, output_dir=work / "output", input_dir=work / "input", quiet=True)
     root, names = models_root(args, cache)
+    from instantfamily_nodes.evaluate.score import aggregate
     from instantfamily_nodes.models.faces import InsightFaceEncoder
     from instantfamily_nodes.synthetic.recognizer import load_classes
     from instantfamily_nodes.synthetic.score import (PositionScores, picture_scores, reference_embeddings,
@@ -142,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     scores = {v: {} for v in variants + ["vae_roundtrip"]}
     pictures = {v: {} for v in scores}     # evaluate/'s ImageScore per picture (MultiSim, greedy-min)
     sheet_rows = []
-    ns = [int(n) for n in args.ns.split(",")]
     for n in ns:
         for v in scores:
             scores[v][n] = PositionScores()
@@ -189,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["accuracy_trained_unmasked"] = acc["trained_unmasked"]
     # the world's own render through the VAE: what any model sampling in this latent space can reach
     summary["accuracy_vae_roundtrip"] = {str(n): scores["vae_roundtrip"][n].accuracy("n") for n in ns}
-    # evaluate/'s numbers on the same pictures (the world's detector finds the faces; matched to IDs by place)
-    for key, field in (("multi_sim", "multi_sim"), ("fastcomposer", "fastcomposer"), ("single_sim", "identity"),
-                       ("face_missing_rate", "face_missing_rate")):
-        summary[key] = {v: {str(n): _mean(pictures[v][n], field) for n in ns} for v in pictures}
+    # evaluate/'s run-level numbers, as `python -m instantfamily_nodes.evaluate` reports them, per variant and N
+    blocks = {v: {n: aggregate(pictures[v][n], [str(i) for i in range(n)])["overall"] for n in ns} for v in pictures}
+    for key in ("multi_sim", "fastcomposer", "single_sim"):
+        summary[key] = {v: {str(n): blocks[v][n][key]["mean"] for n in ns} for v in pictures}
+    summary["face_missing_rate"] = {v: {str(n): blocks[v][n]["face_missing_rate"] for n in ns} for v in pictures}
     out = Path(args.out) if args.out else RESULTS_DIR / f"synthetic{'-plumbing' if args.plumbing else ''}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"summary": summary, "untrained": bool(args.plumbing), "models": names, "recognizer": pack_meta,
@@ -208,14 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
-
-
-def _mean(pictures: list, field: str) -> float | None:
-    """The mean of one evaluate/ number over pictures (None where it is undefined: MultiSim of one ID)."""
-    if field == "face_missing_rate":
-        return float(sum(p.missing for p in pictures) / sum(len(p.ids) for p in pictures))
-    vals = [getattr(p, field) for p in pictures if getattr(p, field) is not None]
-    return float(np.mean(vals)) if vals else None
 
 
 def _contact_sheet(rows: list[list[np.ndarray]]) -> np.ndarray:

@@ -184,12 +184,13 @@ def resolve_mixed_precision(cfg: ExperimentConfig) -> ExperimentConfig:
 def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig, comfyui: str | None = None,
                    force: bool = False) -> Path:
     """Run (or resume) the experiment in ``out``; returns the bench results JSON."""
-    from .world import world_fits
+    from .world import check_bench_ns, world_fits
 
     crowded = [n for n in (int(p) for p in cfg.people.split(",")) if not world_fits(n, cfg.size)]
     if crowded:
         raise ValueError(f"people={cfg.people!r}: {crowded} people do not fit a {cfg.size} px scene (faces would "
                          "be under 8 px); use fewer people or a larger size")
+    check_bench_ns(cfg.ns, cfg.size, cfg.identities)   # before hours of training, not at the bench
     cfg = resolve_mixed_precision(cfg)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,14 @@ the right one of the stacked IDs land here?) or among all K identities of the wo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .recognizer import _fast_crop, classify
+
+if TYPE_CHECKING:
+    from ..evaluate.score import ImageScore
 
 
 @dataclass
@@ -58,7 +61,8 @@ def reference_embeddings(encoder, portraits: Sequence[np.ndarray]) -> list[np.nd
     return [f.embedding for f in faces]
 
 
-def picture_scores(encoder, refs: Sequence[np.ndarray], image: np.ndarray, boxes: np.ndarray, name: str = ""):
+def picture_scores(encoder, refs: Sequence[np.ndarray], image: np.ndarray, boxes: np.ndarray,
+                   name: str = "") -> "ImageScore":
     """evaluate/'s scores of one picture (SingleSim, MultiSim, FastComposer's greedy-min), with the world's
     detector and net: every face the detector finds in ``image``, matched to the IDs by the places they were
     asked for (``boxes``, (N, 4) pixels, ID order) as the evaluation matches them by ID masks. Unlike

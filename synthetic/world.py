@@ -1,4 +1,4 @@
-"""The synthetic world: K procedural identities, their appearances, and scenes of 1-7 stick people.
+"""The synthetic world: K procedural identities, their appearances, and scenes of 1-10 stick people.
 
 **Identities.** Each identity is a small "face" tile (width w, height 1.25 w, the aspect of a detector's
 face box, :data:`pose.faceboxes.FACE_ASPECT`) made of a skin colour, a hair style and colour, a pattern
@@ -10,7 +10,8 @@ is learnable, but never a single colour.
 eye position, size, position, pixel noise), drawn from a random stream named by ``(world seed, split,
 index)``. The ``train`` and ``test`` splits use disjoint streams: evaluation sees held-out appearances.
 
-**Scenes.** 1-7 people left to right, each an OpenPose-18 skeleton (:class:`pose.keypoints.Person`, so
+**Scenes.** 1-10 people left to right (training uses 1-7 on a square; :func:`canvas_for` widens the canvas
+for more people than the square holds), each an OpenPose-18 skeleton (:class:`pose.keypoints.Person`, so
 the pack's own :func:`pose.render.render_control` draws the control image) whose head keypoints give
 back exactly the world's face box through :func:`pose.faceboxes.face_box_from_pose`; the face tile sits
 on that box, the body is a stick figure in a dark colour on a dark background, with a caption.
@@ -92,14 +93,35 @@ def canvas_for(n_people: int, size: int) -> tuple[int, int]:
         raise ValueError(f"n_people must be 1..{MAX_PEOPLE}, got {n_people}")
     if world_fits(n, size):
         return size, size
+    if size < CANVAS_STEP:
+        raise ValueError(f"a {size} px high canvas holds no face of 8 px for {n} people (a face is at most 0.24 "
+                         f"of the height); use a size of at least {CANVAS_STEP}")
     if size % CANVAS_STEP:
         raise ValueError(f"{n} people do not fit a {size} px square and a wider canvas grows in steps of "
                          f"{CANVAS_STEP} px (the latent grid halves three times): use a size that is a multiple "
                          f"of {CANVAS_STEP} (64, 128, 192, ...)")
-    width = size          # a multiple of 64 is at least 64 high: 0.24 of it is over 8 px
+    width = size          # at least 64 high: 0.24 of it is over 8 px, so only the width can be short
     while FACE_FRACTION * width / n < 8:
         width += CANVAS_STEP
     return size, width
+
+
+def check_bench_ns(ns: str, size: int, identities: int) -> list[int]:
+    """The people counts of a bench's ``ns`` ("1,2,10"), each drawable at ``size`` (:func:`canvas_for`) from
+    ``identities`` distinct identities; a clear error naming ``ns`` otherwise."""
+    try:
+        counts = [int(n) for n in str(ns).split(",")]
+    except ValueError:
+        raise ValueError(f"ns={ns!r}: expected people counts separated by commas, like 1,2,3,4,7,10") from None
+    for n in counts:
+        try:
+            canvas_for(n, size)
+        except ValueError as exc:
+            raise ValueError(f"ns={ns!r}: {exc}") from None
+        if n > identities:
+            raise ValueError(f"ns={ns!r}: a scene of {n} people needs {n} distinct identities but the world has "
+                             f"{identities}; use more identities or fewer people")
+    return counts
 
 
 @dataclass(frozen=True)

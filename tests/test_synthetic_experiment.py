@@ -176,6 +176,10 @@ def test_experiment_refuses_more_people_than_the_scene_holds(tmp_path):
     with pytest.raises(ValueError, match=r"people='1,7'.*\[7\].*64 px"):
         run_experiment(tmp_path, replace(CI, people="1,7"))
     assert not any(tmp_path.iterdir())      # refused before anything was written
+    # the bench's N too: 10 people need 10 of the CI world's 8 identities (found before training, not after)
+    with pytest.raises(ValueError, match=r"ns='2,10'.*10 distinct identities"):
+        run_experiment(tmp_path, replace(CI, ns="2,10"))
+    assert not any(tmp_path.iterdir())
 
 
 def test_unmasked_training_option_shows_every_id_everywhere():
