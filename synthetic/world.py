@@ -73,9 +73,16 @@ def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
     return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
+def face_width(n_people: int, hw: tuple[int, int]) -> float:
+    """The nominal face width of a scene of ``n_people`` on an (H, W) canvas: 0.6 of a person's slot
+    (W / people), at most 0.24 of the shorter side. The world draws no face under 8 px."""
+    h, w = hw
+    return min(FACE_FRACTION * (w / n_people), 0.24 * min(h, w))
+
+
 def world_fits(n_people: int, side: int) -> bool:
-    """Whether ``n_people`` fit a square canvas of ``side`` px (:meth:`World.scene`'s face-size rule)."""
-    return min(FACE_FRACTION * side / n_people, 0.24 * side) >= 8
+    """Whether ``n_people`` fit a square canvas of ``side`` px (faces of at least 8 px)."""
+    return face_width(n_people, (side, side)) >= 8
 
 
 # SD1.5's UNet halves the latent grid three times and the VAE down-scales 8x: canvas sides in steps of 64
@@ -101,7 +108,7 @@ def canvas_for(n_people: int, size: int) -> tuple[int, int]:
                          f"{CANVAS_STEP} px (the latent grid halves three times): use a size that is a multiple "
                          f"of {CANVAS_STEP} (64, 128, 192, ...)")
     width = size          # at least 64 high: 0.24 of it is over 8 px, so only the width can be short
-    while FACE_FRACTION * width / n < 8:
+    while face_width(n, (size, width)) < 8:
         width += CANVAS_STEP
     return size, width
 
@@ -359,8 +366,8 @@ class World:
                 raise ValueError(f"identities must be {n} distinct indices in 0..{len(self.identities) - 1}, "
                                  f"got {list(identities)}")
         slot = w / n
-        base = min(FACE_FRACTION * slot, 0.24 * min(h, w))
-        if base < 8:   # the rule world_fits() states for square canvases
+        base = face_width(n, (h, w))
+        if base < 8:
             raise ValueError(f"a {w}x{h} canvas is too small for {n} people (faces would be under 8 px); "
                              f"use at least {int(np.ceil(8 / FACE_FRACTION * n))} px width")
         img, bg_name = self._background((h, w), rng)
